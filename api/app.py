@@ -1,0 +1,73 @@
+"""The FastAPI app factory: services are built in the lifespan hook, handlers live in routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from api.routes import router
+from api.service import BadRequest, Services
+from inferq.models import PromptMeter, resolve_model_path
+from inferq.settings import Settings
+from router import load_config
+from storage.db import make_engine, make_sessionmaker
+from tasks.app import create_celery
+
+
+def build_services(settings: Settings) -> Services:
+    """Everything the handlers need: config, database, broker producer, token meters."""
+    config = load_config(settings.config)
+    meters = {
+        name: PromptMeter(resolve_model_path(spec.path, settings))
+        for name, spec in config.models.items()
+    }
+    return Services(
+        settings=settings,
+        config=config,
+        sessions=make_sessionmaker(make_engine(settings.database_url)),
+        celery=create_celery(settings, config),
+        meters=meters,
+    )
+
+
+def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
+    """Build the API. ``services`` may be passed in to share them (the embedded mode does)."""
+    load_config(settings.config)  # config errors surface at start, naming file and key
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = services is None
+        app.state.services = services or await run_in_threadpool(build_services, settings)
+        yield
+        if owned:
+            app.state.services.dispose()
+
+    app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)
+    app.middleware("http")(_body_limit(settings.max_body_bytes))
+    app.exception_handler(BadRequest)(_bad_request)
+    app.include_router(router)
+    return app
+
+
+async def _bad_request(_: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+Next = Callable[[Request], Awaitable[Response]]
+
+
+def _body_limit(max_bytes: int) -> Callable[[Request, Next], Awaitable[Response]]:
+    async def middleware(request: Request, call_next: Next) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            return JSONResponse(
+                {"detail": f"request body is {length} bytes; the limit is {max_bytes}"},
+                status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+            )
+        return await call_next(request)
+
+    return middleware

@@ -1,0 +1,78 @@
+"""Native API handlers: each parses, calls one function, and shapes the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+
+from api.auth import current_tenant
+from api.schemas import CreateRequest, ModelList, ModelPublic, RequestPublic
+from api.service import Services, submit
+from storage.models import Tenant
+from storage.requests import get_for_tenant
+from tasks.queues import model_queue
+
+router = APIRouter()
+Caller = Annotated[Tenant, Depends(current_tenant)]
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/v1/models")
+def list_models(request: Request, _: Caller) -> ModelList:
+    config = _services(request).config
+    return ModelList(
+        data=[
+            ModelPublic(
+                id=name,
+                engine=spec.engine,
+                max_model_len=spec.max_model_len,
+                queue=model_queue(name),
+            )
+            for name, spec in config.models.items()
+        ]
+    )
+
+
+@router.post("/v1/requests", status_code=status.HTTP_202_ACCEPTED)
+def create_request(request: Request, tenant: Caller, body: CreateRequest) -> RequestPublic:
+    row, _created = submit(_services(request), tenant.id, body)
+    return RequestPublic.of(row)
+
+
+@router.get("/v1/requests/{request_id}")
+async def get_request(
+    request: Request,
+    tenant: Caller,
+    request_id: uuid.UUID,
+    wait: Annotated[float, Query(ge=0, description="Seconds to wait for a result")] = 0,
+) -> RequestPublic:
+    services = _services(request)
+    deadline = time.monotonic() + min(wait, services.settings.max_wait_s)
+    pause = 0.02
+    while True:
+        row = await run_in_threadpool(_load, services, tenant.id, request_id)
+        if row is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no request {request_id}")
+        if row.status.terminal or time.monotonic() >= deadline:
+            return RequestPublic.of(row)
+        await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+        pause = min(pause * 2, 0.5)
+
+
+def _load(services: Services, tenant_id: uuid.UUID, request_id: uuid.UUID):  # type: ignore[no-untyped-def]
+    with services.sessions() as session:
+        return get_for_tenant(session, tenant_id, request_id)

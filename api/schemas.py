@@ -1,0 +1,100 @@
+"""Wire shapes of the native API, apart from the table models."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from inferq.enums import Priority, RequestStatus, TaskKind
+from storage.models import Request, as_utc
+from tasks.templates import SamplingIn
+
+
+class CreateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskKind
+    input: dict[str, Any]
+    params: SamplingIn = Field(default_factory=SamplingIn)
+    model: str | None = None
+    priority: Priority = Priority.INTERACTIVE
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Latency(BaseModel):
+    queue_s: float | None
+    ttft_s: float | None
+    total_s: float | None
+
+
+class RequestPublic(BaseModel):
+    id: uuid.UUID
+    object: str = "inferq.request"
+    status: RequestStatus
+    task: TaskKind
+    model: str
+    priority: Priority
+    output: Any = None
+    error: str | None = None
+    usage: Usage | None = None
+    latency: Latency
+    attempts: int
+    created_at: datetime
+    finished_at: datetime | None = None
+
+    @classmethod
+    def of(cls, row: Request) -> RequestPublic:
+        usage = None
+        if row.prompt_tokens is not None:
+            completion = row.completion_tokens or 0
+            usage = Usage(
+                prompt_tokens=row.prompt_tokens,
+                completion_tokens=completion,
+                total_tokens=row.prompt_tokens + completion,
+            )
+        return cls(
+            id=row.id,
+            status=row.status,
+            task=row.task,
+            model=row.model,
+            priority=row.priority,
+            output=row.output,
+            error=row.error,
+            usage=usage,
+            latency=Latency(
+                queue_s=_seconds(row.created_at, row.started_at),
+                ttft_s=_seconds(row.created_at, row.first_token_at),
+                total_s=_seconds(row.created_at, row.finished_at),
+            ),
+            attempts=row.attempts,
+            created_at=row.created_at,
+            finished_at=row.finished_at,
+        )
+
+
+class ModelPublic(BaseModel):
+    id: str
+    object: str = "model"
+    engine: str
+    max_model_len: int
+    queue: str
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelPublic]
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((as_utc(end) - as_utc(start)).total_seconds(), 6)

@@ -1,0 +1,166 @@
+"""Submitting requests: validate, route, insert, commit, and only then publish.
+
+The API handlers and the embedded demo both call :func:`submit`; nothing is written or
+enqueued unless every check passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.schemas import CreateRequest
+from inferq.enums import RequestStatus
+from inferq.models import PromptMeter
+from inferq.settings import Settings
+from router import RouterConfig, RoutingError, route
+from storage.models import Request, utcnow
+from storage.requests import find_by_idempotency_key
+from tasks.app import InferqCelery, publish
+from tasks.contract import EngineRequest, RunMessage
+from tasks.templates import render
+
+log = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    """The request cannot be accepted; the message says why, naming the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What submitting needs, built once per process and passed in."""
+
+    settings: Settings
+    config: RouterConfig
+    sessions: sessionmaker[Session]
+    celery: InferqCelery
+    meters: dict[str, PromptMeter]
+
+    def dispose(self) -> None:
+        """Close the database pool (the broker pool closes with the Celery app)."""
+        self.sessions.kw["bind"].dispose()
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    body: CreateRequest
+    model: str
+    queue: str
+    engine_request: EngineRequest
+
+
+def prepare(services: Services, tenant_id: uuid.UUID, body: CreateRequest) -> Prepared:
+    """Every check a request must pass before anything is written."""
+    try:
+        engine_request = render(body.task, body.input, body.params)
+    except ValidationError as exc:
+        raise BadRequest(_describe(exc, prefix="input")) from exc
+    try:
+        chosen = route(
+            body.task,
+            body.input,
+            tenant=str(tenant_id),
+            config=services.config,
+            model_override=body.model,
+        )
+    except RoutingError as exc:
+        raise BadRequest(str(exc)) from exc
+    spec = services.config.models[chosen.model]
+    limit = min(services.settings.max_output_tokens, spec.max_model_len - 1)
+    if not 1 <= engine_request.max_tokens <= limit:
+        raise BadRequest(f"params.max_tokens must be between 1 and {limit} for {chosen.model}")
+    prompt_tokens = services.meters[chosen.model].count(engine_request)
+    if prompt_tokens + engine_request.max_tokens > spec.max_model_len:
+        raise BadRequest(
+            f"prompt is {prompt_tokens} tokens; with max_tokens {engine_request.max_tokens} it "
+            f"exceeds {chosen.model}'s context of {spec.max_model_len} tokens"
+        )
+    return Prepared(body, chosen.model, chosen.queue, engine_request)
+
+
+def submit(services: Services, tenant_id: uuid.UUID, body: CreateRequest) -> tuple[Request, bool]:
+    """Create one request; return it and whether it is new (an idempotent replay is not)."""
+    rows = submit_many(services, tenant_id, [prepare(services, tenant_id, body)])
+    return rows[0]
+
+
+def submit_many(
+    services: Services,
+    tenant_id: uuid.UUID,
+    prepared: Sequence[Prepared],
+    *,
+    job_id: uuid.UUID | None = None,
+) -> list[tuple[Request, bool]]:
+    """Insert prepared requests in one transaction, commit, then publish them."""
+    results: list[tuple[Request, bool]] = []
+    fresh: list[tuple[Request, Prepared]] = []
+    now = utcnow()
+    with services.sessions.begin() as session:
+        for item in prepared:
+            key = item.body.idempotency_key
+            existing = find_by_idempotency_key(session, tenant_id, key) if key else None
+            if existing is not None:
+                results.append((existing, False))
+                continue
+            row = Request(
+                id=uuid.uuid4(),
+                tenant_id=tenant_id,
+                job_id=job_id,
+                task=item.body.task,
+                status=RequestStatus.QUEUED,
+                priority=item.body.priority,
+                model=item.model,
+                input=item.body.input,
+                params=item.body.params.model_dump(exclude_none=True),
+                idempotency_key=key,
+                created_at=now,
+                queued_at=now,
+            )
+            session.add(row)
+            results.append((row, True))
+            fresh.append((row, item))
+        try:
+            session.flush()
+        except IntegrityError as exc:  # a concurrent submit with the same idempotency key
+            raise BadRequest("idempotency_key is already in use by a request in flight") from exc
+    _publish(services, tenant_id, fresh)
+    return results
+
+
+def _publish(
+    services: Services, tenant_id: uuid.UUID, fresh: Sequence[tuple[Request, Prepared]]
+) -> None:
+    committed_at = time.time()
+    by_queue: dict[str, list[RunMessage]] = {}
+    for row, item in fresh:
+        message = RunMessage(
+            request_id=str(row.id),
+            tenant_id=str(tenant_id),
+            model=item.model,
+            task=item.body.task,
+            priority=item.body.priority,
+            engine_request=item.engine_request,
+            enqueued_at=committed_at,
+        )
+        by_queue.setdefault(item.queue, []).append(message)
+    for queue, messages in by_queue.items():
+        try:
+            publish(services.celery, messages, queue=queue)
+        except Exception:  # the rows are committed; the reconciler publishes them later
+            log.exception("publishing %d requests to %s failed", len(messages), queue)
+
+
+def _describe(exc: ValidationError, *, prefix: str) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in (prefix, *err["loc"]))
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,3 @@
+"""inferq: queue-driven asynchronous inference on your own models."""
+
+__version__ = "0.1.0"

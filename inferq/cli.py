@@ -1,0 +1,147 @@
+"""The `inferq` command. Settings are built once, in the group, and passed to subcommands."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from inferq.settings import Settings, load_settings
+from router import ConfigError, load_config
+
+pass_settings = click.make_pass_decorator(Settings)
+
+
+@click.group()
+@click.option("--log-level", default="INFO", show_default=True, help="Python log level.")
+@click.pass_context
+def main(ctx: click.Context, log_level: str) -> None:
+    """inferq: queue-driven asynchronous inference on your own models."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        ctx.obj = load_settings()
+    except ValueError as exc:
+        raise click.UsageError(f"bad INFERQ_* setting: {exc}") from exc
+
+
+def _config(settings: Settings):  # type: ignore[no-untyped-def]
+    try:
+        return load_config(settings.config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@pass_settings
+def migrate(settings: Settings) -> None:
+    """Create or upgrade the database schema."""
+    from storage.migrate import upgrade
+
+    upgrade(settings.database_url)
+    click.echo(f"database at head: {settings.database_url}")
+
+
+@main.group()
+def tenant() -> None:
+    """Manage tenants and their API keys."""
+
+
+@tenant.command("create")
+@click.argument("name")
+@pass_settings
+def tenant_create(settings: Settings, name: str) -> None:
+    """Create tenant NAME and print its new API key on the last line."""
+    from storage.db import make_engine, make_sessionmaker
+    from storage.tenants import create_tenant
+
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            created, key = create_tenant(session, name)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        engine.dispose()
+    click.echo(f"tenant {created.name} ({created.id}); API key:", err=True)
+    click.echo(key)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@pass_settings
+def api(settings: Settings, host: str, port: int) -> None:
+    """Serve the HTTP API. Embedded (no broker set), in-process workers serve every model."""
+    import uvicorn
+
+    from api.app import build_services, create_app
+
+    _config(settings)
+    if not settings.embedded:
+        uvicorn.run(create_app(settings), host=host, port=port)
+        return
+    from workers.embedded import embedded_workers
+
+    services = build_services(settings)
+    with embedded_workers(settings, services.config, services.celery, services.sessions):
+        uvicorn.run(create_app(settings, services), host=host, port=port)
+
+
+@main.command()
+@click.option("--model", "model", required=True, help="The configured model to serve.")
+@click.option("--loglevel", default="INFO", show_default=True)
+@pass_settings
+def worker(settings: Settings, model: str, loglevel: str) -> None:
+    """Run a worker for one model: it consumes only that model's queue."""
+    from storage.db import make_engine, make_sessionmaker
+    from tasks.app import create_celery
+    from tasks.queues import model_queue
+    from workers.runtime import WorkerRuntime
+
+    config = _config(settings)
+    if model not in config.models:
+        raise click.BadParameter(f"unknown model {model!r}; configured: {', '.join(config.models)}")
+    if settings.embedded:
+        raise click.UsageError("a separate worker needs INFERQ_BROKER_URL (e.g. redis://...)")
+    app = create_celery(settings, config)
+    engine = make_engine(settings.database_url)
+    runtime = WorkerRuntime.create(settings, config, model, make_sessionmaker(engine))
+    app.runtimes[model] = runtime
+    runtime.start()
+    try:
+        app.Worker(
+            queues=[model_queue(model)],
+            pool="threads",
+            concurrency=runtime.concurrency,
+            hostname=f"{model}@%h",
+            loglevel=loglevel,
+        ).start()
+    finally:
+        runtime.stop()
+        engine.dispose()
+
+
+@main.command()
+@click.option("--limit", type=int, default=None, help="Only the first N sample products.")
+@click.option("--file", "products", type=click.Path(exists=True, path_type=Path), default=None)
+@pass_settings
+def demo(settings: Settings, limit: int | None, products: Path | None) -> None:
+    """Run the bulk extraction demo on the embedded default and print a summary."""
+    from inferq.demo import PRODUCTS, run_demo
+
+    result = run_demo(settings, products=products or PRODUCTS, limit=limit)
+    if result.summary.succeeded == 0:
+        sys.exit(1)
+
+
+@main.command("build-model")
+@pass_settings
+def build_model(settings: Settings) -> None:
+    """Build the tiny offline model into the cache folder (done on first use anyway)."""
+    from inferq.tiny_model import ensure_tiny_model
+
+    click.echo(ensure_tiny_model(settings.models_dir))

@@ -1,0 +1,66 @@
+"""Typed settings, built once per process and passed in.
+
+Nothing here reads the environment at import: call :func:`load_settings` (or construct
+:class:`Settings`) in the entry point and hand the object down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CONFIG = Path(__file__).parent / "default_config.yaml"
+MEMORY_BROKER = "memory://"
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "inferq"
+
+
+class Settings(BaseSettings):
+    """Everything a process of inferq needs to know, from ``INFERQ_*`` variables.
+
+    With neither ``database_url`` nor ``broker_url`` set, inferq runs embedded: SQLite in the
+    cache folder, Celery's in-process ``memory://`` broker and an in-process worker.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="INFERQ_", extra="ignore")
+
+    database_url: str = ""
+    broker_url: str = ""
+    config: Path = DEFAULT_CONFIG
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+
+    # How long the broker keeps an unacknowledged message before handing it to another
+    # worker. It must outlast the longest time a message waits in a worker's buffer plus
+    # the longest batch, or Redis redelivers work that is still running.
+    visibility_timeout_s: int = 3600
+    # Bounded long-poll on GET /v1/requests/{id}?wait=...
+    max_wait_s: float = 30.0
+    max_body_bytes: int = 1_000_000
+    max_output_tokens: int = 4096
+    worker_name: str = ""
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.cache_dir / 'inferq.db'}"
+        if not self.broker_url:
+            self.broker_url = MEMORY_BROKER
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when the broker lives in this process (the embedded default)."""
+        return self.broker_url.startswith(MEMORY_BROKER)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.cache_dir / "models"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment, with explicit overrides winning."""
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,93 @@
+"""The Celery app factory: queue topology and delivery guarantees, decided here once."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+from kombu import Queue
+
+from inferq.enums import Priority
+from inferq.settings import Settings
+from router.config import RouterConfig
+from tasks.contract import RUN_TASK_NAME, RunMessage
+from tasks.queues import FixedQueue, model_queue
+
+if TYPE_CHECKING:
+    from workers.runtime import WorkerRuntime
+
+# Kombu's Redis transport serves lower numbers first.
+_PRIORITY = {Priority.INTERACTIVE: 0, Priority.BATCH: 6}
+
+
+class InferqCelery(Celery):  # type: ignore[misc]
+    """A Celery app that carries this process's worker runtimes (engine + batcher) by model."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.runtimes: dict[str, WorkerRuntime] = {}
+
+
+def create_celery(settings: Settings, config: RouterConfig) -> InferqCelery:
+    """Build the Celery app for these settings and this models-and-routes config."""
+    app = InferqCelery("inferq", broker=settings.broker_url, set_as_current=False)
+    queues = [Queue(model_queue(name)) for name in config.models]
+    queues += [Queue(q.value) for q in FixedQueue]
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_backend=None,
+        task_ignore_result=True,  # results land in Postgres, written a batch at a time
+        task_queues=queues,
+        task_default_queue=FixedQueue.MAINTENANCE.value,
+        task_create_missing_queues=False,  # a misspelt queue fails loudly
+        # Acknowledge only after the batch's results are committed; a worker that dies
+        # mid-batch leaves its messages to be delivered again.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # The prefetch window is the worker's buffer: the pool holds enough threads for
+        # one batch running and the next one filling (see workers.runtime), and one
+        # message per thread keeps a dead worker from stranding more than that.
+        worker_prefetch_multiplier=1,
+        broker_transport_options={
+            # Longer than any message waits in a buffer plus the longest batch, or Redis
+            # hands running work to a second worker.
+            "visibility_timeout": settings.visibility_timeout_s,
+            "queue_order_strategy": "priority",
+        },
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,  # Flower
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+    )
+    app.task(
+        name=RUN_TASK_NAME,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+    )(_run)
+    return app
+
+
+def _run(task: Any, message: dict[str, Any]) -> None:
+    """Hand one request to this worker's micro-batcher and wait for its batch to commit."""
+    run = RunMessage.from_wire(message)
+    runtime = task.app.runtimes.get(run.model)
+    if runtime is None:
+        raise RuntimeError(f"this process runs no engine for {run.model!r}; see `inferq worker`")
+    runtime.submit(run).result()
+
+
+def publish(app: Celery, messages: list[RunMessage], *, queue: str) -> None:
+    """Publish committed requests on one queue, over one producer connection."""
+    with app.producer_or_acquire() as producer:
+        for message in messages:
+            app.send_task(
+                RUN_TASK_NAME,
+                args=[message.to_wire()],
+                queue=queue,
+                priority=_PRIORITY[message.priority],
+                producer=producer,
+            )

@@ -1,0 +1,59 @@
+"""The message a worker receives: everything needed to run a request, JSON-safe.
+
+A worker never reads the database before running; what it needs travels here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from inferq.enums import Priority, TaskKind
+
+RUN_TASK_NAME = "inferq.run"
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class EngineRequest(BaseModel):
+    """What an engine runs: a chat or a raw prompt, sampling, and an optional constraint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int | None = None
+    stop: list[str] | None = None
+    ignore_eos: bool = False
+    json_schema: dict[str, Any] | None = None
+    choices: list[str] | None = None
+
+
+class RunMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    tenant_id: str
+    model: str
+    task: TaskKind
+    priority: Priority
+    engine_request: EngineRequest
+    enqueued_at: float = Field(description="Unix time the request was committed.")
+    deadline: float | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    @classmethod
+    def from_wire(cls, payload: dict[str, Any]) -> RunMessage:
+        return cls.model_validate(payload)

@@ -1,0 +1,97 @@
+"""The micro-batcher: buffers requests while the engine runs, and hands out batches.
+
+Consuming is apart from executing. Celery's consumer keeps pulling messages into the buffer
+(one pool thread waits per message) while a single executor thread runs the engine, so the next
+batch is already waiting when the current one ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from inferq.enums import Outcome
+from tasks.contract import RunMessage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class WorkItem:
+    message: RunMessage
+    received_at: float = field(default_factory=time.time)
+    future: Future[Outcome] = field(default_factory=Future)
+
+
+class MicroBatcher:
+    """Collect up to ``max_batch_size`` items, or what arrives within ``window_s`` of the
+    first, and pass them to ``execute`` on one executor thread."""
+
+    def __init__(
+        self,
+        execute: Callable[[list[WorkItem]], None],
+        *,
+        max_batch_size: int,
+        window_s: float,
+        name: str = "inferq-executor",
+    ) -> None:
+        self._execute = execute
+        self._max = max_batch_size
+        self._window_s = window_s
+        self._buffer: queue.SimpleQueue[WorkItem] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def submit(self, message: RunMessage) -> Future[Outcome]:
+        if self._stopping.is_set():
+            raise RuntimeError("the batcher is stopping")
+        item = WorkItem(message)
+        self._buffer.put(item)
+        return item.future
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        self._thread.join(timeout)
+        while True:  # nothing buffered is run any more; its messages stay unacknowledged
+            try:
+                item = self._buffer.get_nowait()
+            except queue.Empty:
+                break
+            item.future.set_exception(RuntimeError("worker stopped before running this request"))
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                self._execute(batch)
+            except Exception as exc:  # the executor handles its own errors; this is a bug
+                log.exception("batch execution failed")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+
+    def _take(self) -> list[WorkItem]:
+        try:
+            first = self._buffer.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self._window_s
+        while len(batch) < self._max:
+            remaining = deadline - time.monotonic()
+            try:
+                # What is already buffered is taken at once; only an empty buffer waits.
+                batch.append(self._buffer.get(timeout=max(remaining, 0.0)))
+            except queue.Empty:
+                break
+        return batch

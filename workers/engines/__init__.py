@@ -1,0 +1,23 @@
+"""Engine adapters, chosen by the model config's ``engine`` key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from router.config import ModelSpec
+from workers.engines.base import Engine, EngineError, Generation
+
+__all__ = ["Engine", "EngineError", "Generation", "create_engine"]
+
+
+def create_engine(spec: ModelSpec, *, model_path: Path, seed: int = 0) -> Engine:
+    """Build the adapter a model spec names. Heavy imports happen here, not at import."""
+    if spec.engine == "vllm":
+        from workers.engines.vllm import VllmEngine
+
+        return VllmEngine(spec, model_path=model_path, seed=seed)
+    if spec.engine == "scripted":
+        from workers.engines.scripted import ScriptedEngine
+
+        return ScriptedEngine.from_options(spec.options)
+    raise ValueError(f"unknown engine {spec.engine!r}")

@@ -1,0 +1,102 @@
+"""A scripted engine for exact assertions and injected faults: no model, same protocol.
+
+Rules match a substring of a request's last message (or prompt) and make the batch holding it
+slow, fail or hang. Output is deterministic: a minimal object valid for a JSON schema, the
+first label of a choice, or an echo of the input.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks.contract import EngineRequest
+from workers.engines.base import EngineError, Generation
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    match: str
+    fail: str | None = None
+    delay_s: float = 0.0
+    hang: bool = False
+
+
+@dataclass
+class ScriptedEngine:
+    name = "scripted"
+
+    rules: Sequence[Rule] = ()
+    delay_s: float = 0.0
+    calls: list[int] = field(default_factory=list)  # batch sizes, for assertions
+    _released: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> ScriptedEngine:
+        rules = [Rule(**rule) for rule in options.get("rules", [])]
+        return cls(rules=rules, delay_s=float(options.get("delay_ms", 0)) / 1000)
+
+    def generate(self, requests: Sequence[EngineRequest]) -> list[Generation]:
+        self.calls.append(len(requests))
+        delay = self.delay_s
+        for request in requests:
+            text = _last_text(request)
+            for rule in self.rules:
+                if rule.match not in text:
+                    continue
+                if rule.hang:
+                    self._released.wait()
+                if rule.fail is not None:
+                    raise EngineError(rule.fail)
+                delay = max(delay, rule.delay_s)
+        if delay:
+            time.sleep(delay)
+        return [_answer(r) for r in requests]
+
+    def close(self) -> None:
+        self._released.set()
+
+
+def _last_text(request: EngineRequest) -> str:
+    if request.messages:
+        return request.messages[-1].content
+    return request.prompt or ""
+
+
+def _answer(request: EngineRequest) -> Generation:
+    prompt_words = len(_last_text(request).split()) + 1
+    if request.json_schema is not None:
+        import json
+
+        texts = [json.dumps(_minimal(request.json_schema))]
+    elif request.choices:
+        texts = [request.choices[0]]
+    else:
+        words = ["echo", *_last_text(request).split()]
+        count = request.max_tokens if request.ignore_eos else min(len(words), request.max_tokens)
+        texts = [" ".join((words * (count // len(words) + 1))[:count])] * request.n
+    completion = sum(len(t.split()) for t in texts)
+    return Generation(
+        texts, prompt_words, completion, "length" if request.ignore_eos else "stop", 0.0
+    )
+
+
+def _minimal(schema: Mapping[str, Any]) -> Any:
+    kind = schema.get("type")
+    if "enum" in schema:
+        return schema["enum"][0]
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {name: _minimal(props[name]) for name in schema.get("required", props)}
+    if kind == "array":
+        return []
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 0)
+    if kind == "boolean":
+        return False
+    if kind == "null":
+        return None
+    return "x" * max(int(schema.get("minLength", 1)), 1)

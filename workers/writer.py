@@ -1,0 +1,93 @@
+"""Writes batches to the database on its own thread, then releases their messages.
+
+A batch's results and ledger rows go in one transaction; only after the commit are the
+waiting tasks released, so Celery acknowledges a message once its result is durable. A failed
+commit is retried with backoff: the results are kept, never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.ledger import Attempt, mark_started, record_batch
+from workers.batcher import WorkItem
+
+log = logging.getLogger(__name__)
+
+_MAX_BACKOFF_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Started:
+    items: list[WorkItem]
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Finished:
+    items: list[WorkItem]
+    attempts: list[Attempt]
+
+
+class BatchWriter:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+        self._jobs: queue.SimpleQueue[_Started | _Finished | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="inferq-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout)
+        self._stopping.set()
+
+    def started(self, items: list[WorkItem], at: float) -> None:
+        self._jobs.put(_Started(items, at))
+
+    def finished(self, items: list[WorkItem], attempts: list[Attempt]) -> None:
+        self._jobs.put(_Finished(items, attempts))
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if isinstance(job, _Started):
+                self._mark_started(job)
+            else:
+                self._record(job)
+
+    def _mark_started(self, job: _Started) -> None:
+        ids = [uuid.UUID(item.message.request_id) for item in job.items]
+        try:
+            with self._sessions.begin() as session:
+                mark_started(session, ids, datetime.fromtimestamp(job.at, UTC))
+        except Exception:  # advisory only: the result write sets started_at anyway
+            log.warning("could not mark %d requests running", len(ids), exc_info=True)
+
+    def _record(self, job: _Finished) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                with self._sessions.begin() as session:
+                    outcomes = record_batch(session, job.attempts)
+                break
+            except Exception:
+                if self._stopping.is_set():
+                    error = RuntimeError("worker stopped before the batch was committed")
+                    for item in job.items:
+                        item.future.set_exception(error)
+                    return
+                log.warning("commit failed; retrying in %.1fs", backoff, exc_info=True)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        for item, outcome in zip(job.items, outcomes, strict=True):
+            item.future.set_result(outcome)
