@@ -66,7 +66,7 @@ def tenant_create(settings: Settings, name: str) -> None:
         raise click.ClickException(str(exc)) from exc
     finally:
         engine.dispose()
-    click.echo(f"tenant {created.name} ({created.id}); API key:", err=True)
+    click.echo(f"tenant {created.name} ({created.id}); its API key, shown once:")
     click.echo(key)
 
 
