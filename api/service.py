@@ -63,6 +63,8 @@ def prepare(services: Services, tenant_id: uuid.UUID, body: CreateRequest) -> Pr
         engine_request = render(body.task, body.input, body.params)
     except ValidationError as exc:
         raise BadRequest(_describe(exc, prefix="input")) from exc
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
     try:
         chosen = route(
             body.task,

@@ -145,3 +145,7 @@ def build_model(settings: Settings) -> None:
     from inferq.tiny_model import ensure_tiny_model
 
     click.echo(ensure_tiny_model(settings.models_dir))
+
+
+if __name__ == "__main__":
+    main()

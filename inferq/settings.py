@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     broker_url: str = ""
     config: Path = DEFAULT_CONFIG
     cache_dir: Path = Field(default_factory=_default_cache_dir)
+    # Where built or downloaded models live; defaults to ``cache_dir / "models"``.
+    models_dir: Path | None = None
 
     # How long the broker keeps an unacknowledged message before handing it to another
     # worker. It must outlast the longest time a message waits in a worker's buffer plus
@@ -49,16 +51,14 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.cache_dir / 'inferq.db'}"
         if not self.broker_url:
             self.broker_url = MEMORY_BROKER
+        if self.models_dir is None:
+            self.models_dir = self.cache_dir / "models"
         return self
 
     @property
     def embedded(self) -> bool:
         """True when the broker lives in this process (the embedded default)."""
         return self.broker_url.startswith(MEMORY_BROKER)
-
-    @property
-    def models_dir(self) -> Path:
-        return self.cache_dir / "models"
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -104,6 +104,7 @@ INPUT_MODELS: dict[TaskKind, type[_Input]] = {
     TaskKind.COMPLETE: CompleteInput,
 }
 
+EXPAND_TEMPERATURE = 0.8
 DEFAULT_MAX_TOKENS = {
     TaskKind.EXTRACT: 160,
     TaskKind.CLASSIFY: 16,
@@ -126,6 +127,7 @@ def render(task: TaskKind, payload: dict[str, Any], sampling: SamplingIn) -> Eng
 
     Raises:
         pydantic.ValidationError: the input does not fit the kind; the message names the field.
+        ValueError: the input and the sampling parameters contradict each other.
     """
     data = INPUT_MODELS[task].model_validate(payload)
     knobs = sampling.model_dump(exclude={"max_tokens"})
@@ -141,6 +143,10 @@ def render(task: TaskKind, payload: dict[str, Any], sampling: SamplingIn) -> Eng
         messages = [_system(f"Answer with one label: {labels}."), _user(data.text)]
         return EngineRequest(messages=messages, choices=data.labels, max_tokens=max_tokens, **knobs)
     if isinstance(data, ExpandInput):
+        if data.n > 1 and "temperature" not in sampling.model_fields_set:
+            knobs["temperature"] = EXPAND_TEMPERATURE  # greedy decoding gives n equal variants
+        if data.n > 1 and knobs["temperature"] == 0:
+            raise ValueError("input.n > 1 needs params.temperature > 0 to vary the queries")
         messages = [_system("Rewrite the search query another way."), _user(data.query)]
         return EngineRequest(messages=messages, n=data.n, max_tokens=max_tokens, **knobs)
     if isinstance(data, ChatInput):

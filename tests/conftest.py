@@ -1,0 +1,218 @@
+"""Fixtures on real services: a fresh Postgres database and Redis db per session, the API and
+workers as real `inferq` processes, the real vLLM engine on the tiny model.
+
+A missing Postgres or Redis fails the session; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import redis
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from inferq.settings import Settings
+from storage.db import make_engine, make_sessionmaker, normalise_url
+from storage.migrate import upgrade
+from storage.tenants import create_tenant
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_CONFIG = Path(__file__).parent / "config.yaml"
+PG_URL = os.environ.get("INFERQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("INFERQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("INFERQ_TEST_REDIS_DB", "11"))
+MODELS_DIR = Path(os.environ.get("INFERQ_TEST_MODELS_DIR", ROOT / ".cache" / "models"))
+START_TIMEOUT_S = 180.0
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
+    """Poll a condition with a generous bound; fail with ``what`` if it never holds."""
+    deadline = time.monotonic() + timeout
+    pause = 0.02
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A database of its own for this session, migrated to head, dropped at the end."""
+    admin = make_url(normalise_url(PG_URL))
+    name = f"inferq_test_{uuid.uuid4().hex[:12]}"
+    conninfo = admin.set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"Postgres is required at {PG_URL}: {exc}")
+    url = admin.set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    yield url
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    url = f"{REDIS_URL}/{REDIS_DB}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis is required at {REDIS_URL}: {exc}")
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, broker_url: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        broker_url=broker_url,
+        config=TEST_CONFIG,
+        models_dir=MODELS_DIR,
+        cache_dir=ROOT / ".cache",
+    )
+
+
+@pytest.fixture(scope="session")
+def db_engine(settings: Settings) -> Iterator[Engine]:
+    engine = make_engine(settings.database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def sessions(db_engine: Engine) -> sessionmaker[Session]:
+    return make_sessionmaker(db_engine)
+
+
+@pytest.fixture
+def api_key(sessions: sessionmaker[Session]) -> str:
+    """A fresh tenant per test: tests never see each other's requests."""
+    with sessions.begin() as session:
+        _tenant, key = create_tenant(session, f"tenant-{uuid.uuid4().hex[:8]}")
+    return key
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        INFERQ_DATABASE_URL=settings.database_url,
+        INFERQ_BROKER_URL=settings.broker_url,
+        INFERQ_CONFIG=str(settings.config),
+        INFERQ_CACHE_DIR=str(settings.cache_dir),
+        INFERQ_MODELS_DIR=str(settings.models_dir),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@dataclass
+class Process:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def start(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Process:
+    log = log_dir / f"{name}.log"
+    handle = log.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inferq.cli", *args],
+        env=env,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+    )
+    return Process(name, proc, log)
+
+
+def stop(process: Process) -> None:
+    process.proc.terminate()
+    try:
+        process.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.proc.kill()
+        process.proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def workers(settings: Settings, log_dir: Path) -> Iterator[dict[str, Process]]:
+    """`inferq worker` processes for the real tiny model and the scripted one."""
+    from inferq.tiny_model import ensure_tiny_model
+
+    assert settings.models_dir is not None
+    ensure_tiny_model(settings.models_dir)  # built once, before two processes want it
+    env = service_env(settings)
+    running = {
+        model: start(f"worker-{model}", ["worker", "--model", model], env, log_dir)
+        for model in ("tiny", "scripted")
+    }
+
+    def ready() -> bool:
+        for process in running.values():
+            if process.proc.poll() is not None:
+                pytest.fail(f"{process.name} exited:\n{process.tail()}")
+        return all("ready." in p.log.read_text(errors="replace") for p in running.values())
+
+    wait_for(ready, timeout=START_TIMEOUT_S, what="workers to be ready")
+    yield running
+    for process in running.values():
+        stop(process)
+
+
+@pytest.fixture(scope="session")
+def api_url(settings: Settings, log_dir: Path, workers: dict[str, Process]) -> Iterator[str]:
+    """`inferq api` as a real process on a free port."""
+    port = free_port()
+    process = start("api", ["api", "--port", str(port)], service_env(settings), log_dir)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if process.proc.poll() is not None:
+            pytest.fail(f"api exited:\n{process.tail()}")
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(healthy, timeout=START_TIMEOUT_S, what="the API to answer /healthz")
+    yield url
+    stop(process)
+
+
+@pytest.fixture
+def client(api_url: str, api_key: str) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=api_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=60
+    ) as http:
+        yield http

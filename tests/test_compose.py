@@ -1,0 +1,250 @@
+"""docker-compose.yml, checked offline against the real code (no Docker engine needed).
+
+Every command must name a real entry point with options that exist, every worker must serve a
+configured model on a GPU, and no secret may have a default. `scripts/validate-compose.sh`
+(make compose-check) adds Compose's own schema check with the docker-compose binary.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from inferq.cli import main
+from router.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+
+# ${NAME}, ${NAME:-default}, ${NAME:?message}, ... and bare $NAME ($$ is a literal dollar).
+INTERPOLATION = re.compile(r"(?<!\$)\$(?:\{(?P<braced>\w+)(?P<rest>[^}]*)\}|(?P<bare>\w+))")
+SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|BASIC_AUTH", re.IGNORECASE)
+
+
+def command_of(service: dict[str, Any]) -> list[str]:
+    command = service.get("command", [])
+    return command.split() if isinstance(command, str) else [str(arg) for arg in command]
+
+
+def environment_of(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def inferq_services() -> list[str]:
+    return sorted(name for name, svc in SERVICES.items() if command_of(svc)[:1] == ["inferq"])
+
+
+def worker_services() -> list[str]:
+    return [name for name in inferq_services() if command_of(SERVICES[name])[1:2] == ["worker"]]
+
+
+def _consume_group_option(group: click.Group, args: list[str]) -> list[str]:
+    """Check one option of a group (before its subcommand) exists; return what follows it."""
+    flag = args[0].split("=", 1)[0]
+    param = next((p for p in group.params if flag in (*p.opts, *p.secondary_opts)), None)
+    assert param is not None, f"inferq group {group.name!r} has no option {flag}"
+    takes_value = isinstance(param, click.Option) and not param.is_flag and "=" not in args[0]
+    return args[2:] if takes_value else args[1:]
+
+
+def parse_inferq(args: list[str]) -> click.Context:
+    """Resolve `inferq ...` against the real click tree and parse the leaf command's options.
+
+    Click's own parser rejects unknown options, bad types and missing required options; the
+    command's callback is not run.
+    """
+    assert args[:1] == ["inferq"]
+    command: click.Command = main
+    path, rest = ["inferq"], args[1:]
+    while isinstance(command, click.Group):
+        if rest and rest[0].startswith("-"):
+            rest = _consume_group_option(command, rest)
+            continue
+        assert rest, f"{' '.join(path)} needs a subcommand"
+        subcommand = command.commands.get(rest[0])
+        assert subcommand is not None, f"{' '.join(path)} has no subcommand {rest[0]!r}"
+        command, path, rest = subcommand, [*path, rest[0]], rest[1:]
+    try:
+        return command.make_context(" ".join(path), list(rest))
+    except click.UsageError as exc:
+        pytest.fail(f"`{' '.join(args)}`: {exc.format_message()}")
+
+
+def mounted_config_path(service: dict[str, Any]) -> Path:
+    """The host file mounted where the service's INFERQ_CONFIG points."""
+    target = environment_of(service)["INFERQ_CONFIG"]
+    for volume in service.get("volumes", []):
+        source, _, rest = str(volume).partition(":")
+        if rest.split(":")[0] == target:
+            assert source.startswith("."), f"{volume}: the config must be a file in the repo"
+            return (COMPOSE_FILE.parent / source).resolve()
+    pytest.fail(f"INFERQ_CONFIG={target} but nothing is mounted there")
+
+
+def test_required_services_exist() -> None:
+    assert {"redis", "postgres", "migrate", "api", "flower"} <= set(SERVICES)
+    assert worker_services(), "at least one `inferq worker --model NAME` service"
+
+
+@pytest.mark.parametrize("name", inferq_services())
+def test_inferq_command_resolves_against_cli(name: str) -> None:
+    assert [e.value for e in entry_points(group="console_scripts", name="inferq")] == [
+        "inferq.cli:main"
+    ]
+    parse_inferq(command_of(SERVICES[name]))
+
+
+def test_roles_run_the_expected_subcommands() -> None:
+    assert command_of(SERVICES["migrate"])[:2] == ["inferq", "migrate"]
+    api = parse_inferq(command_of(SERVICES["api"]))
+    assert api.command.name == "api"
+    assert api.params["host"] == "0.0.0.0", "the API must listen beyond the container"
+    assert f"{api.params['port']}" in [p.split(":")[-1] for p in SERVICES["api"]["ports"]]
+
+
+@pytest.mark.parametrize("name", worker_services())
+def test_worker_reserves_an_nvidia_gpu(name: str) -> None:
+    devices = SERVICES[name]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(
+        d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) and d.get("count")
+        for d in devices
+    ), f"{name}: needs deploy.resources.reservations.devices with an nvidia GPU"
+
+
+@pytest.mark.parametrize("name", worker_services())
+def test_worker_serves_a_model_of_the_mounted_config(name: str) -> None:
+    service = SERVICES[name]
+    model = parse_inferq(command_of(service)).params["model"]
+    config = load_config(mounted_config_path(service))
+    assert model in config.models, f"{name}: model {model!r} not in {list(config.models)}"
+    assert name == f"worker-{model}", "name workers worker-<model>"
+
+
+def test_every_configured_model_has_a_worker() -> None:
+    config = load_config(mounted_config_path(SERVICES["api"]))
+    served = {parse_inferq(command_of(SERVICES[n])).params["model"] for n in worker_services()}
+    assert set(config.models) <= served, "a configured model with no worker queues forever"
+
+
+@pytest.mark.parametrize("name", inferq_services())
+def test_inferq_services_share_settings_and_model_cache(name: str) -> None:
+    service = SERVICES[name]
+    env = environment_of(service)
+    assert env == COMPOSE["x-inferq-env"], f"{name}: use the shared x-inferq-env settings"
+    assert mounted_config_path(service).is_file()
+    cache = env["INFERQ_CACHE_DIR"]
+    named = [v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == cache]
+    assert named and named[0] in COMPOSE["volumes"], f"{name}: cache must be a named volume"
+
+
+def test_flower_runs_celery_flower_behind_basic_auth() -> None:
+    from celery.bin.celery import celery as celery_cli
+    from flower.options import options as flower_options
+
+    flower = SERVICES["flower"]
+    args = command_of(flower)
+    assert args[0] == "celery" and "flower" in args
+    assert entry_points(group="console_scripts", name="celery")
+    assert entry_points(group="celery.commands", name="flower"), "flower is not installed"
+    split = args.index("flower")
+    for arg in [a for a in args[1:split] if a.startswith("-")]:
+        flag = arg.split("=", 1)[0]
+        assert any(flag in p.opts for p in celery_cli.params), f"celery has no option {flag}"
+    for arg in [a for a in args[split + 1 :] if a.startswith("--")]:
+        name = arg[2:].split("=", 1)[0]
+        assert name in flower_options, f"flower has no option --{name}"
+    assert f"--broker={COMPOSE['x-inferq-env']['INFERQ_BROKER_URL']}" in args
+
+    assert "basic_auth" in flower_options
+    in_args = [a.split("=", 1)[1] for a in args if a.startswith("--basic-auth=")]
+    auth = in_args or [environment_of(flower).get("FLOWER_BASIC_AUTH", "")]
+    # user:password, both required variables: no literal credentials, no defaults.
+    required = r"\$\{\w+:\?[^}]*\}"
+    assert re.fullmatch(f"{required}:{required}", auth[0]), f"flower basic auth: {auth[0]!r}"
+
+
+def test_api_and_flower_have_healthchecks_on_real_endpoints() -> None:
+    from api.routes import router
+
+    paths = {getattr(route, "path", None) for route in router.routes}
+    api_check = " ".join(SERVICES["api"]["healthcheck"]["test"])
+    assert "/healthz" in api_check and "/healthz" in paths
+    assert f":{parse_inferq(command_of(SERVICES['api'])).params['port']}/" in api_check
+    assert "/healthcheck" in " ".join(SERVICES["flower"]["healthcheck"]["test"])
+    for name in ("redis", "postgres"):
+        assert SERVICES[name]["healthcheck"]["test"], f"{name}: healthcheck"
+
+
+def _dependencies() -> list[tuple[str, str, str]]:
+    found = []
+    for name, service in SERVICES.items():
+        depends = service.get("depends_on", {})
+        if isinstance(depends, list):
+            depends = {dep: {"condition": "service_started"} for dep in depends}
+        found += [(name, dep, spec["condition"]) for dep, spec in depends.items()]
+    return found
+
+
+@pytest.mark.parametrize(("name", "dep", "condition"), _dependencies())
+def test_depends_on_conditions_can_be_met(name: str, dep: str, condition: str) -> None:
+    assert dep in SERVICES
+    if condition == "service_healthy":
+        assert SERVICES[dep].get("healthcheck"), f"{name} waits for {dep}'s health: none defined"
+    if condition == "service_completed_successfully":
+        assert SERVICES[dep].get("restart") == "no", f"{dep} must run once"
+
+
+def test_start_order() -> None:
+    deps = {(name, dep): cond for name, dep, cond in _dependencies()}
+    assert deps[("migrate", "postgres")] == "service_healthy"
+    for name in ["api", *worker_services()]:
+        assert deps[(name, "migrate")] == "service_completed_successfully"
+        assert deps[(name, "redis")] == "service_healthy"
+
+
+def _strings(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [s for key, value in node.items() for s in (*_strings(key), *_strings(value))]
+    if isinstance(node, list):
+        return [s for item in node for s in _strings(item)]
+    return [node] if isinstance(node, str) else []
+
+
+def test_secrets_are_required_variables_without_defaults() -> None:
+    secret_refs = [
+        match
+        for text in _strings(COMPOSE)
+        for match in INTERPOLATION.finditer(text)
+        if SECRET_NAME.search(match["braced"] or match["bare"])
+    ]
+    assert secret_refs, "expected ${POSTGRES_PASSWORD:?...} and the Flower password"
+    for match in secret_refs:
+        assert match["braced"] and match["rest"].startswith(":?"), (
+            f"{match[0]}: write secrets as ${{NAME:?message}} (required, no default)"
+        )
+    for name, service in SERVICES.items():
+        for key, value in environment_of(service).items():
+            if SECRET_NAME.search(key):
+                assert INTERPOLATION.search(value), f"{name}: {key} is a literal"
+
+
+def test_dockerfile_matches_commands() -> None:
+    """Commands name their program (inferq, celery), so the image must not add an ENTRYPOINT."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    instructions = [line.split()[0].upper() for line in dockerfile.splitlines() if line.strip()]
+    assert "ENTRYPOINT" not in instructions
+    assert "USER" in instructions, "run as a non-root user"
+    for name, service in SERVICES.items():
+        if "build" in service:
+            assert service["build"] in (".", {"context": "."}), name
