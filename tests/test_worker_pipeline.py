@@ -1,0 +1,155 @@
+"""The worker's batcher, executor and writer on real Postgres with the scripted engine:
+exact batch sizes, one transaction per batch, first success wins."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from inferq.enums import Outcome, Priority, RequestStatus, TaskKind
+from router.config import RouterConfig
+from storage.models import LedgerEntry, Request, Tenant
+from tasks.contract import EngineRequest, RunMessage
+from workers.engines.scripted import Rule, ScriptedEngine
+from workers.runtime import WorkerRuntime
+
+CONFIG = RouterConfig.model_validate(
+    {
+        "models": {
+            "s": {
+                "engine": "scripted",
+                "max_batch_size": 8,
+                "batch_window_ms": 200,
+                "price_per_gpu_hour": 3.6,
+                "gpu_count": 2,
+            }
+        },
+        "routes": [{"task": "*", "model": "s"}],
+    }
+)
+
+
+@pytest.fixture
+def tenant_id(sessions: sessionmaker[Session]) -> uuid.UUID:
+    with sessions.begin() as session:
+        tenant = Tenant(name=f"pipeline-{uuid.uuid4().hex[:8]}")
+        session.add(tenant)
+        session.flush()
+        return tenant.id
+
+
+@pytest.fixture
+def engine() -> ScriptedEngine:
+    return ScriptedEngine(rules=[Rule(match="POISON", fail="poisoned")], delay_s=0.05)
+
+
+@pytest.fixture
+def runtime(engine: ScriptedEngine, sessions: sessionmaker[Session]) -> Iterator[WorkerRuntime]:
+    runtime = WorkerRuntime(engine, model="s", config=CONFIG, sessions=sessions, worker_name="t")
+    runtime.start()
+    yield runtime
+    runtime.stop()
+
+
+def queued(
+    sessions: sessionmaker[Session], tenant_id: uuid.UUID, prompts: list[str]
+) -> list[RunMessage]:
+    messages = []
+    with sessions.begin() as session:
+        for prompt in prompts:
+            row = Request(
+                tenant_id=tenant_id,
+                task=TaskKind.COMPLETE,
+                status=RequestStatus.QUEUED,
+                priority=Priority.BATCH,
+                model="s",
+                input={"prompt": prompt},
+                params={},
+            )
+            session.add(row)
+            session.flush()
+            messages.append(
+                RunMessage(
+                    request_id=str(row.id),
+                    tenant_id=str(tenant_id),
+                    model="s",
+                    task=TaskKind.COMPLETE,
+                    priority=Priority.BATCH,
+                    engine_request=EngineRequest(prompt=prompt, max_tokens=8),
+                    enqueued_at=time.time(),
+                )
+            )
+    return messages
+
+
+def test_buffered_requests_run_as_full_batches(
+    runtime: WorkerRuntime,
+    engine: ScriptedEngine,
+    sessions: sessionmaker[Session],
+    tenant_id: uuid.UUID,
+) -> None:
+    messages = queued(sessions, tenant_id, [f"item {i}" for i in range(20)])
+    futures = [runtime.submit(m) for m in messages]
+    assert [f.result(timeout=30) for f in futures] == [Outcome.SUCCEEDED] * 20
+    assert engine.calls == [8, 8, 4]
+    with sessions() as session:
+        rows = session.scalars(select(LedgerEntry).where(LedgerEntry.tenant_id == tenant_id)).all()
+        statuses = set(
+            session.scalars(select(Request.status).where(Request.tenant_id == tenant_id))
+        )
+    assert statuses == {RequestStatus.SUCCEEDED}
+    assert sorted(r.batch_size for r in rows) == [4] * 4 + [8] * 16
+    by_batch: dict[uuid.UUID, list[LedgerEntry]] = {}
+    for row in rows:
+        by_batch.setdefault(row.batch_id, []).append(row)
+    for batch in by_batch.values():
+        # GPU-seconds of a batch are its engine time x GPUs, shared out by token count.
+        assert sum(r.gpu_seconds for r in batch) == pytest.approx(batch[0].engine_s * 2)
+        for r in batch:
+            assert r.cost == pytest.approx(r.gpu_seconds * 3.6 / 3600)
+
+
+def test_poison_is_isolated_by_splitting(
+    runtime: WorkerRuntime,
+    engine: ScriptedEngine,
+    sessions: sessionmaker[Session],
+    tenant_id: uuid.UUID,
+) -> None:
+    prompts = [f"item {i}" for i in range(8)]
+    prompts[5] = "POISON"
+    futures = [runtime.submit(m) for m in queued(sessions, tenant_id, prompts)]
+    outcomes = [f.result(timeout=30) for f in futures]
+    assert outcomes == [Outcome.SUCCEEDED] * 5 + [Outcome.FAILED] + [Outcome.SUCCEEDED] * 2
+    # 8 → 4+4 → the poisoned half splits 2+2 → 1+1: five calls fail, the rest succeed.
+    assert engine.calls[0] == 8 and sorted(engine.calls[1:]) == [1, 1, 2, 2, 4, 4]
+    with sessions() as session:
+        error = session.scalar(
+            select(Request.error).where(Request.tenant_id == tenant_id, Request.status == "failed")
+        )
+    assert error == "EngineError: poisoned"
+
+
+def test_second_execution_is_a_duplicate_and_first_result_wins(
+    runtime: WorkerRuntime, sessions: sessionmaker[Session], tenant_id: uuid.UUID
+) -> None:
+    [message] = queued(sessions, tenant_id, ["once"])
+    assert runtime.submit(message).result(timeout=30) is Outcome.SUCCEEDED
+    with sessions() as session:
+        first = session.get(Request, uuid.UUID(message.request_id))
+        assert first is not None
+        first_finished = first.finished_at
+    assert runtime.submit(message).result(timeout=30) is Outcome.DUPLICATE
+    with sessions() as session:
+        row = session.get(Request, uuid.UUID(message.request_id))
+        outcomes = sorted(
+            session.scalars(
+                select(LedgerEntry.outcome).where(LedgerEntry.request_id == row.id)  # type: ignore[union-attr]
+            )
+        )
+    assert row is not None and row.finished_at == first_finished and row.attempts == 1
+    assert outcomes == [Outcome.DUPLICATE, Outcome.SUCCEEDED]
