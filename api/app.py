@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response, status
+from fastapi import FastAPI, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.auth import KeyCache
 from api.routes import router
 from api.service import BadRequest, Services
 from inferq.models import PromptMeter, resolve_model_path
@@ -42,12 +44,13 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = services is None
         app.state.services = services or await run_in_threadpool(build_services, settings)
+        app.state.keys = KeyCache(app.state.services.sessions)
         yield
         if owned:
             app.state.services.dispose()
 
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)
-    app.middleware("http")(_body_limit(settings.max_body_bytes))
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.exception_handler(BadRequest)(_bad_request)
     app.include_router(router)
     return app
@@ -57,17 +60,23 @@ async def _bad_request(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
-Next = Callable[[Request], Awaitable[Response]]
+class BodyLimit:
+    """Refuse a body over the limit by its Content-Length, before reading it (pure ASGI)."""
 
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
 
-def _body_limit(max_bytes: int) -> Callable[[Request, Next], Awaitable[Response]]:
-    async def middleware(request: Request, call_next: Next) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            return JSONResponse(
-                {"detail": f"request body is {length} bytes; the limit is {max_bytes}"},
-                status_code=status.HTTP_413_CONTENT_TOO_LARGE,
-            )
-        return await call_next(request)
-
-    return middleware
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_bytes:
+                response = JSONResponse(
+                    {
+                        "detail": f"request body is {int(length)} bytes; the limit is {self.max_bytes}"
+                    },
+                    status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

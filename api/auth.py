@@ -1,12 +1,46 @@
-"""API keys: ``Authorization: Bearer KEY``, as the OpenAI client sends it."""
+"""API keys: ``Authorization: Bearer KEY``, as the OpenAI client sends it.
+
+Resolved keys are cached for a short while per process, so a busy client costs no database
+round trip per call; a revoked key stops working within ``CACHE_TTL_S``.
+"""
 
 from __future__ import annotations
 
+import threading
+import time
+
 from fastapi import HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import Tenant
-from storage.tenants import tenant_for_key
+from storage.tenants import hash_key, tenant_for_key
+
+CACHE_TTL_S = 30.0
+
+
+class KeyCache:
+    """Key hash → tenant, for at most ``ttl_s`` seconds; misses go to the database."""
+
+    def __init__(self, sessions: sessionmaker[Session], ttl_s: float = CACHE_TTL_S) -> None:
+        self._sessions = sessions
+        self._ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, Tenant]] = {}
+        self._lock = threading.Lock()
+
+    def tenant(self, key: str) -> Tenant | None:
+        digest = hash_key(key)
+        now = time.monotonic()
+        with self._lock:
+            entry = self._entries.get(digest)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        with self._sessions() as session:
+            tenant = tenant_for_key(session, key)
+        if tenant is not None:
+            with self._lock:
+                self._entries[digest] = (now + self._ttl_s, tenant)
+        return tenant
 
 
 async def current_tenant(request: Request) -> Tenant:
@@ -14,13 +48,8 @@ async def current_tenant(request: Request) -> Tenant:
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    sessions = request.app.state.services.sessions
-
-    def lookup() -> Tenant | None:
-        with sessions() as session:
-            return tenant_for_key(session, key.strip())
-
-    tenant = await run_in_threadpool(lookup)
+    keys: KeyCache = request.app.state.keys
+    tenant = await run_in_threadpool(keys.tenant, key.strip())
     if tenant is None:
         raise _unauthorized("invalid API key")
     return tenant

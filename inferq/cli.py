@@ -73,8 +73,9 @@ def tenant_create(settings: Settings, name: str) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--access-log/--no-access-log", default=False, show_default=True)
 @pass_settings
-def api(settings: Settings, host: str, port: int) -> None:
+def api(settings: Settings, host: str, port: int, access_log: bool) -> None:
     """Serve the HTTP API. Embedded (no broker set), in-process workers serve every model."""
     import uvicorn
 
@@ -82,13 +83,13 @@ def api(settings: Settings, host: str, port: int) -> None:
 
     _config(settings)
     if not settings.embedded:
-        uvicorn.run(create_app(settings), host=host, port=port)
+        uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log)
         return
     from workers.embedded import embedded_workers
 
     services = build_services(settings)
     with embedded_workers(settings, services.config, services.celery, services.sessions):
-        uvicorn.run(create_app(settings, services), host=host, port=port)
+        uvicorn.run(create_app(settings, services), host=host, port=port, access_log=access_log)
 
 
 @main.command()

@@ -57,8 +57,9 @@ def create_celery(settings: Settings, config: RouterConfig) -> InferqCelery:
             "queue_order_strategy": "priority",
         },
         broker_connection_retry_on_startup=True,
-        worker_send_task_events=True,  # Flower
-        task_send_sent_event=True,
+        worker_send_task_events=True,  # Flower sees tasks start and finish
+        # No task-sent events: one more Redis publish per request on the API's hot path.
+        task_send_sent_event=False,
         worker_hijack_root_logger=False,
     )
     app.task(
