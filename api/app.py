@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import KeyCache
+from api.committer import GroupCommitter
 from api.routes import router
 from api.service import BadRequest, Services
 from inferq.models import PromptMeter, resolve_model_path
@@ -45,7 +46,10 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         owned = services is None
         app.state.services = services or await run_in_threadpool(build_services, settings)
         app.state.keys = KeyCache(app.state.services.sessions)
+        app.state.committer = GroupCommitter(app.state.services)
+        app.state.committer.start()
         yield
+        app.state.committer.stop()
         if owned:
             app.state.services.dispose()
 
@@ -71,10 +75,9 @@ class BodyLimit:
         if scope["type"] == "http":
             length = dict(scope["headers"]).get(b"content-length", b"")
             if length.isdigit() and int(length) > self.max_bytes:
+                detail = f"request body is {int(length)} bytes; the limit is {self.max_bytes}"
                 response = JSONResponse(
-                    {
-                        "detail": f"request body is {int(length)} bytes; the limit is {self.max_bytes}"
-                    },
+                    {"detail": detail},
                     status_code=status.HTTP_413_CONTENT_TOO_LARGE,
                 )
                 await response(scope, receive, send)

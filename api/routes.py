@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.auth import current_tenant
 from api.schemas import CreateRequest, ModelList, ModelPublic, RequestPublic
-from api.service import Services, submit
+from api.service import Services, prepare
 from storage.models import Tenant
 from storage.requests import get_for_tenant
 from tasks.queues import model_queue
@@ -49,7 +49,8 @@ def list_models(request: Request, _: Caller) -> ModelList:
 
 @router.post("/v1/requests", status_code=status.HTTP_202_ACCEPTED)
 def create_request(request: Request, tenant: Caller, body: CreateRequest) -> RequestPublic:
-    row, _created = submit(_services(request), tenant.id, body)
+    prepared = prepare(_services(request), tenant.id, body)
+    row, _created = request.app.state.committer.submit(prepared).result()
     return RequestPublic.of(row)
 
 

@@ -51,6 +51,7 @@ class Services:
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
+    tenant_id: uuid.UUID
     body: CreateRequest
     model: str
     queue: str
@@ -85,36 +86,32 @@ def prepare(services: Services, tenant_id: uuid.UUID, body: CreateRequest) -> Pr
             f"prompt is {prompt_tokens} tokens; with max_tokens {engine_request.max_tokens} it "
             f"exceeds {chosen.model}'s context of {spec.max_model_len} tokens"
         )
-    return Prepared(body, chosen.model, chosen.queue, engine_request)
-
-
-def submit(services: Services, tenant_id: uuid.UUID, body: CreateRequest) -> tuple[Request, bool]:
-    """Create one request; return it and whether it is new (an idempotent replay is not)."""
-    rows = submit_many(services, tenant_id, [prepare(services, tenant_id, body)])
-    return rows[0]
+    return Prepared(tenant_id, body, chosen.model, chosen.queue, engine_request)
 
 
 def submit_many(
     services: Services,
-    tenant_id: uuid.UUID,
     prepared: Sequence[Prepared],
     *,
     job_id: uuid.UUID | None = None,
 ) -> list[tuple[Request, bool]]:
-    """Insert prepared requests in one transaction, commit, then publish them."""
+    """Insert prepared requests in one transaction, commit, then publish them.
+
+    Returns each request's row and whether it is new (an idempotent replay is not).
+    """
     results: list[tuple[Request, bool]] = []
     fresh: list[tuple[Request, Prepared]] = []
     now = utcnow()
     with services.sessions.begin() as session:
         for item in prepared:
             key = item.body.idempotency_key
-            existing = find_by_idempotency_key(session, tenant_id, key) if key else None
+            existing = find_by_idempotency_key(session, item.tenant_id, key) if key else None
             if existing is not None:
                 results.append((existing, False))
                 continue
             row = Request(
                 id=uuid.uuid4(),
-                tenant_id=tenant_id,
+                tenant_id=item.tenant_id,
                 job_id=job_id,
                 task=item.body.task,
                 status=RequestStatus.QUEUED,
@@ -133,19 +130,17 @@ def submit_many(
             session.flush()
         except IntegrityError as exc:  # a concurrent submit with the same idempotency key
             raise BadRequest("idempotency_key is already in use by a request in flight") from exc
-    _publish(services, tenant_id, fresh)
+    _publish(services, fresh)
     return results
 
 
-def _publish(
-    services: Services, tenant_id: uuid.UUID, fresh: Sequence[tuple[Request, Prepared]]
-) -> None:
+def _publish(services: Services, fresh: Sequence[tuple[Request, Prepared]]) -> None:
     committed_at = time.time()
     by_queue: dict[str, list[RunMessage]] = {}
     for row, item in fresh:
         message = RunMessage(
             request_id=str(row.id),
-            tenant_id=str(tenant_id),
+            tenant_id=str(item.tenant_id),
             model=item.model,
             task=item.body.task,
             priority=item.body.priority,

@@ -69,7 +69,7 @@ def run_demo(
         with services.sessions.begin() as session:
             job = Job(tenant_id=tenant_id, task=TaskKind.EXTRACT, total=len(prepared))
             session.add(job)
-        submit_many(services, tenant_id, prepared, job_id=job.id)
+        submit_many(services, prepared, job_id=job.id)
         _follow(services, job.id, len(prepared), timeout_s, console)
     with services.sessions() as session:
         summary = job_summary(session, job.id)

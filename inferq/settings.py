@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1_000_000
     max_output_tokens: int = 4096
     worker_name: str = ""
+    # Celery task events (received/started/succeeded) let Flower list every task, at the cost
+    # of three Redis publishes per request in the worker; workers and queues show without them.
+    task_events: bool = False
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

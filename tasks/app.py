@@ -57,7 +57,7 @@ def create_celery(settings: Settings, config: RouterConfig) -> InferqCelery:
             "queue_order_strategy": "priority",
         },
         broker_connection_retry_on_startup=True,
-        worker_send_task_events=True,  # Flower sees tasks start and finish
+        worker_send_task_events=settings.task_events,  # Flower's per-task view
         # No task-sent events: one more Redis publish per request on the API's hot path.
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
