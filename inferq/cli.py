@@ -100,7 +100,8 @@ def worker(settings: Settings, model: str, loglevel: str) -> None:
     """Run a worker for one model: it consumes only that model's queue."""
     from storage.db import make_engine, make_sessionmaker
     from tasks.app import create_celery
-    from tasks.queues import model_queue
+    from tasks.queues import FixedQueue
+    from workers.consumer import serve
     from workers.runtime import WorkerRuntime
 
     config = _config(settings)
@@ -111,13 +112,13 @@ def worker(settings: Settings, model: str, loglevel: str) -> None:
     app = create_celery(settings, config)
     engine = make_engine(settings.database_url)
     runtime = WorkerRuntime.create(settings, config, model, make_sessionmaker(engine))
-    app.runtimes[model] = runtime
+    serve(app, {model: runtime})
     runtime.start()
     try:
         app.Worker(
-            queues=[model_queue(model)],
+            queues=[FixedQueue.MAINTENANCE.value],
             pool="threads",
-            concurrency=runtime.concurrency,
+            concurrency=4,
             hostname=f"{model}@%h",
             loglevel=loglevel,
         ).start()

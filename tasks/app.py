@@ -42,13 +42,11 @@ def create_celery(settings: Settings, config: RouterConfig) -> InferqCelery:
         task_queues=queues,
         task_default_queue=FixedQueue.MAINTENANCE.value,
         task_create_missing_queues=False,  # a misspelt queue fails loudly
-        # Acknowledge only after the batch's results are committed; a worker that dies
-        # mid-batch leaves its messages to be delivered again.
+        # Model queues are consumed by workers.consumer, which acknowledges a message only
+        # after its batch is committed and prefetches one batch running plus one filling.
+        # Other tasks (maintenance) get the same guarantees from Celery itself:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # The prefetch window is the worker's buffer: the pool holds enough threads for
-        # one batch running and the next one filling (see workers.runtime), and one
-        # message per thread keeps a dead worker from stranding more than that.
         worker_prefetch_multiplier=1,
         broker_transport_options={
             # Longer than any message waits in a buffer plus the longest batch, or Redis
@@ -62,23 +60,7 @@ def create_celery(settings: Settings, config: RouterConfig) -> InferqCelery:
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
     )
-    app.task(
-        name=RUN_TASK_NAME,
-        bind=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        ignore_result=True,
-    )(_run)
     return app
-
-
-def _run(task: Any, message: dict[str, Any]) -> None:
-    """Hand one request to this worker's micro-batcher and wait for its batch to commit."""
-    run = RunMessage.from_wire(message)
-    runtime = task.app.runtimes.get(run.model)
-    if runtime is None:
-        raise RuntimeError(f"this process runs no engine for {run.model!r}; see `inferq worker`")
-    runtime.submit(run).result()
 
 
 def publish(app: Celery, messages: list[RunMessage], *, queue: str) -> None:

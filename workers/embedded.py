@@ -1,4 +1,5 @@
-"""In-process workers for the embedded default: same runtime, a Celery worker on a thread."""
+"""In-process workers for the embedded default: the same runtimes and consumer, with the
+Celery worker on a thread of this process."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from inferq.settings import Settings
 from router.config import RouterConfig
 from tasks.app import InferqCelery
-from tasks.queues import model_queue
+from tasks.queues import FixedQueue
+from workers.consumer import serve
 from workers.runtime import WorkerRuntime
 
 
@@ -24,24 +26,26 @@ def embedded_workers(
     *,
     models: Sequence[str] | None = None,
 ) -> Iterator[dict[str, WorkerRuntime]]:
-    """Run one worker per model inside this process until the block ends."""
+    """Run an engine per model and one Celery worker feeding them, until the block ends."""
     with ExitStack() as stack:
+        runtimes = {}
         for model in models or list(config.models):
             runtime = WorkerRuntime.create(settings, config, model, sessions)
             runtime.start()
             stack.callback(runtime.stop)
-            celery.runtimes[model] = runtime
-            stack.callback(celery.runtimes.pop, model, None)
-            stack.enter_context(
-                start_worker(
-                    celery,
-                    pool="threads",
-                    concurrency=runtime.concurrency,
-                    queues=[model_queue(model)],
-                    perform_ping_check=False,
-                    loglevel="WARNING",
-                    shutdown_timeout=60.0,
-                    hostname=f"{model}@embedded",
-                )
+            runtimes[model] = runtime
+        serve(celery, runtimes)
+        stack.callback(celery.runtimes.clear)
+        stack.enter_context(
+            start_worker(
+                celery,
+                pool="threads",
+                concurrency=2,
+                queues=[FixedQueue.MAINTENANCE.value],
+                perform_ping_check=False,
+                loglevel="WARNING",
+                shutdown_timeout=60.0,
+                hostname="embedded@inferq",
             )
-        yield dict(celery.runtimes)
+        )
+        yield runtimes

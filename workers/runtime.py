@@ -64,8 +64,8 @@ class WorkerRuntime:
         return cls(engine, model=model, config=config, sessions=sessions, worker_name=name)
 
     @property
-    def concurrency(self) -> int:
-        """Task threads: one batch running, one filling, so the engine never waits on reads."""
+    def buffer_size(self) -> int:
+        """Messages held at once: one batch running, one filling, so the engine never waits."""
         return 2 * self.spec.max_batch_size
 
     def start(self) -> None:
