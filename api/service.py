@@ -25,6 +25,7 @@ from storage.models import Request, utcnow
 from storage.requests import find_by_idempotency_key
 from tasks.app import InferqCelery, publish
 from tasks.contract import EngineRequest, RunMessage
+from tasks.queues import model_queue
 from tasks.templates import render
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def submit_many(
 
 def _publish(services: Services, fresh: Sequence[tuple[Request, Prepared]]) -> None:
     committed_at = time.time()
-    by_queue: dict[str, list[RunMessage]] = {}
+    by_model: dict[str, list[RunMessage]] = {}
     for row, item in fresh:
         message = RunMessage(
             request_id=str(row.id),
@@ -147,10 +148,12 @@ def _publish(services: Services, fresh: Sequence[tuple[Request, Prepared]]) -> N
             engine_request=item.engine_request,
             enqueued_at=committed_at,
         )
-        by_queue.setdefault(item.queue, []).append(message)
-    for queue, messages in by_queue.items():
+        by_model.setdefault(item.model, []).append(message)
+    for model, messages in by_model.items():
+        queue = model_queue(model)
         try:
-            publish(services.celery, messages, queue=queue)
+            bundle_size = services.config.models[model].max_batch_size
+            publish(services.celery, messages, queue=queue, bundle_size=bundle_size)
         except Exception:  # the rows are committed; the reconciler publishes them later
             log.exception("publishing %d requests to %s failed", len(messages), queue)
 

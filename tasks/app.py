@@ -63,14 +63,21 @@ def create_celery(settings: Settings, config: RouterConfig) -> InferqCelery:
     return app
 
 
-def publish(app: Celery, messages: list[RunMessage], *, queue: str) -> None:
-    """Publish committed requests on one queue, over one producer connection."""
+def publish(app: Celery, messages: list[RunMessage], *, queue: str, bundle_size: int) -> None:
+    """Publish committed requests on one queue: one broker message per bundle of up to
+    ``bundle_size`` requests of one priority, so a burst costs the broker (and the worker's
+    consumer) a message per bundle rather than per request."""
+    by_priority: dict[Priority, list[RunMessage]] = {}
+    for message in messages:
+        by_priority.setdefault(message.priority, []).append(message)
     with app.producer_or_acquire() as producer:
-        for message in messages:
-            app.send_task(
-                RUN_TASK_NAME,
-                args=[message.to_wire()],
-                queue=queue,
-                priority=_PRIORITY[message.priority],
-                producer=producer,
-            )
+        for priority, group in by_priority.items():
+            for start in range(0, len(group), bundle_size):
+                bundle = [m.to_wire() for m in group[start : start + bundle_size]]
+                app.send_task(
+                    RUN_TASK_NAME,
+                    args=[bundle],
+                    queue=queue,
+                    priority=_PRIORITY[priority],
+                    producer=producer,
+                )

@@ -1,6 +1,7 @@
 """The message a worker receives: everything needed to run a request, JSON-safe.
 
-A worker never reads the database before running; what it needs travels here.
+A worker never reads the database before running; what it needs travels here. On the broker,
+one Celery message of task ``inferq.run`` carries a bundle: ``args = [[RunMessage, ...]]``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """A Celery consumer step that feeds model queues straight into the micro-batchers.
 
 Celery's own task path costs about a millisecond of Python per message (a request object, a
-pool hand-off, events), all of it under the GIL the engine needs. Here a message is decoded,
-buffered, and acknowledged from the worker's event loop once its batch is committed: late
-acks, with no per-message task machinery. The worker is still a Celery worker (heartbeats,
+pool hand-off, events), all of it under the GIL the engine needs. Here a message (a bundle of
+requests, see tasks.contract) is decoded, buffered, and acknowledged from the worker's event
+loop once all its requests are committed: late acks, with no per-message task machinery. The worker is still a Celery worker (heartbeats,
 control commands, Flower), and unacknowledged messages go back to the queue on shutdown or
 after the visibility timeout.
 """
@@ -11,6 +11,7 @@ after the visibility timeout.
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import Future
 from typing import Any
 
@@ -48,25 +49,42 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         return [consumer]
 
     def _on_message(self, body: Any, message: Message) -> None:
+        """A message carries a bundle of requests; it is settled once all of them are."""
         try:
             if message.headers.get("task") != RUN_TASK_NAME:
                 raise ValueError(f"unexpected task {message.headers.get('task')!r}")
-            run = RunMessage.from_wire(body[0][0])
-            runtime = self._runtimes[run.model]
+            runs = [RunMessage.from_wire(item) for item in body[0][0]]
+            targets = [(self._runtimes[run.model], run) for run in runs]
         except Exception:
             log.exception("dropping a malformed message")
             message.reject(requeue=False)
             return
-        runtime.submit(run).add_done_callback(lambda done: self._settle(done, message))
+        settle = _Settle(len(targets), message, self._hub)
+        for runtime, run in targets:
+            runtime.submit(run).add_done_callback(settle.one_done)
 
-    def _settle(self, done: Future[Outcome], message: Message) -> None:
-        """Runs on the writer thread: acknowledge on the event loop once committed."""
-        if done.exception() is not None:
-            return  # left unacknowledged: delivered again after a restart or the timeout
+
+class _Settle:
+    """Acknowledges a message on the event loop once every request in it is committed."""
+
+    def __init__(self, count: int, message: Message, hub: Any) -> None:
+        self._left = count
+        self._failed = False
+        self._message = message
+        self._hub = hub
+        self._lock = threading.Lock()
+
+    def one_done(self, done: Future[Outcome]) -> None:
+        """Runs on the writer thread."""
+        with self._lock:
+            self._failed |= done.exception() is not None
+            self._left -= 1
+            if self._left or self._failed:
+                return  # a failure leaves it unacknowledged: delivered again later
         if self._hub is None:
-            message.ack()
+            self._message.ack()
         else:
-            self._hub.call_soon(message.ack)
+            self._hub.call_soon(self._message.ack)
 
 
 def serve(app: Any, runtimes: dict[str, WorkerRuntime]) -> None:
