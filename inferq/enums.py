@@ -31,6 +31,15 @@ class RequestStatus(StrEnum):
         return self not in (RequestStatus.QUEUED, RequestStatus.RUNNING)
 
 
+class JobStatus(StrEnum):
+    IN_PROGRESS = "in_progress"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
 class Outcome(StrEnum):
     """What one attempt (one ledger row) came to."""
 

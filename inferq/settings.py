@@ -47,6 +47,15 @@ class Settings(BaseSettings):
     # Celery task events (received/started/succeeded) let Flower list every task, at the cost
     # of three Redis publishes per request in the worker; workers and queues show without them.
     task_events: bool = False
+    # Bulk jobs.
+    max_job_lines: int = 200_000
+    max_line_bytes: int = 100_000
+    max_upload_bytes: int = 200_000_000
+    # Webhooks: delivery attempts before giving up, per-attempt timeout, and whether URLs
+    # may point at loopback/private addresses (tests and closed networks only).
+    webhook_max_attempts: int = 8
+    webhook_timeout_s: float = 10.0
+    webhook_allow_private: bool = False
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from inferq.enums import Outcome, Priority, RequestStatus, TaskKind
+from inferq.enums import JobStatus, Outcome, Priority, RequestStatus, TaskKind
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -82,10 +82,35 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
     task: Mapped[TaskKind] = mapped_column(_enum(TaskKind, "task_kind"))
+    status: Mapped[JobStatus] = mapped_column(
+        _enum(JobStatus, "job_status"), default=JobStatus.IN_PROGRESS
+    )
+    model: Mapped[str | None] = mapped_column(String(200))
+    # What every item shares (a schema, labels, sampling), so lines carry only their text.
+    shared: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     total: Mapped[int] = mapped_column(Integer, default=0)
+    invalid: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deadline_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class JobError(Base):
+    """A line of a job's input that was refused, with why; the rest of the job runs."""
+
+    __tablename__ = "job_errors"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    line: Mapped[int] = mapped_column(Integer)
+    item_id: Mapped[str | None] = mapped_column(String(200))
+    message: Mapped[str] = mapped_column(Text)
 
 
 class Request(Base):
@@ -111,6 +136,10 @@ class Request(Base):
     output: Mapped[Any | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # Within a job: the caller's id for the item and its line, for results in input order.
+    item_id: Mapped[str | None] = mapped_column(String(200))
+    line: Mapped[int | None] = mapped_column(Integer)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
