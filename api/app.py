@@ -14,6 +14,7 @@ from api.auth import KeyCache
 from api.committer import GroupCommitter
 from api.routes import router
 from api.service import BadRequest, Services
+from api.webhooks import router as webhooks_router
 from inferq.models import PromptMeter, resolve_model_path
 from inferq.settings import Settings
 from router import load_config
@@ -57,6 +58,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.exception_handler(BadRequest)(_bad_request)
     app.include_router(router)
+    app.include_router(webhooks_router)
     return app
 
 

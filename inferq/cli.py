@@ -149,5 +149,18 @@ def build_model(settings: Settings) -> None:
     click.echo(ensure_tiny_model(settings.models_dir))
 
 
+@main.command()
+@click.option("--loglevel", default="INFO", show_default=True)
+@pass_settings
+def webhooks(settings: Settings, loglevel: str) -> None:
+    """Deliver webhooks from their queue (needs INFERQ_BROKER_URL)."""
+    from workers.webhook_worker import run_webhook_worker
+
+    if settings.embedded:
+        raise click.UsageError("the webhook worker needs INFERQ_BROKER_URL (e.g. redis://...)")
+    _config(settings)
+    run_webhook_worker(settings, loglevel=loglevel)
+
+
 if __name__ == "__main__":
     main()

@@ -45,12 +45,21 @@ class Attempt:
     finished_at: datetime
 
 
-def mark_started(session: Session, request_ids: Sequence[uuid.UUID], at: datetime) -> None:
-    session.execute(
+def claim(session: Session, request_ids: Sequence[uuid.UUID], at: datetime) -> set[uuid.UUID]:
+    """Mark a batch's requests running and return those still open.
+
+    Requests cancelled, expired or already finished since they were published are left out,
+    so they are not run. A request already ``running`` is claimed again: its message came
+    back because the worker running it died.
+    """
+    rows = session.execute(
         update(Request)
-        .where(Request.id.in_(request_ids), Request.status == RequestStatus.QUEUED)
+        .where(Request.id.in_(request_ids), Request.status.in_(_OPEN))
         .values(status=RequestStatus.RUNNING, started_at=at)
+        .returning(Request.id)
+        .execution_options(synchronize_session=False)
     )
+    return set(rows.scalars())
 
 
 def record_batch(session: Session, attempts: Sequence[Attempt]) -> list[Outcome]:

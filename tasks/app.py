@@ -12,6 +12,7 @@ from inferq.settings import Settings
 from router.config import RouterConfig
 from tasks.contract import RUN_TASK_NAME, RunMessage
 from tasks.queues import FixedQueue, model_queue
+from tasks.webhooks import register as register_webhooks
 
 if TYPE_CHECKING:
     from workers.runtime import WorkerRuntime
@@ -60,6 +61,7 @@ def create_celery(settings: Settings, config: RouterConfig) -> InferqCelery:
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
     )
+    register_webhooks(app)
     return app
 
 

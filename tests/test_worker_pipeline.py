@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import select
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inferq.enums import Outcome, Priority, RequestStatus, TaskKind
 from router.config import RouterConfig
+from storage.ledger import Attempt, record_batch
 from storage.models import LedgerEntry, Request, Tenant
 from tasks.contract import EngineRequest, RunMessage
 from workers.engines.scripted import Rule, ScriptedEngine
@@ -134,22 +136,85 @@ def test_poison_is_isolated_by_splitting(
     assert error == "EngineError: poisoned"
 
 
-def test_second_execution_is_a_duplicate_and_first_result_wins(
-    runtime: WorkerRuntime, sessions: sessionmaker[Session], tenant_id: uuid.UUID
+def test_redelivered_finished_request_is_not_run_again(
+    runtime: WorkerRuntime,
+    engine: ScriptedEngine,
+    sessions: sessionmaker[Session],
+    tenant_id: uuid.UUID,
 ) -> None:
     [message] = queued(sessions, tenant_id, ["once"])
     assert runtime.submit(message).result(timeout=30) is Outcome.SUCCEEDED
+    calls = len(engine.calls)
+    # The same message again (a broker redelivery): the claim finds it finished.
+    assert runtime.submit(message).result(timeout=30) is Outcome.CANCELLED
+    assert len(engine.calls) == calls
     with sessions() as session:
-        first = session.get(Request, uuid.UUID(message.request_id))
-        assert first is not None
-        first_finished = first.finished_at
-    assert runtime.submit(message).result(timeout=30) is Outcome.DUPLICATE
-    with sessions() as session:
-        row = session.get(Request, uuid.UUID(message.request_id))
-        outcomes = sorted(
+        count = len(
             session.scalars(
-                select(LedgerEntry.outcome).where(LedgerEntry.request_id == row.id)  # type: ignore[union-attr]
-            )
+                select(LedgerEntry).where(LedgerEntry.request_id == uuid.UUID(message.request_id))
+            ).all()
         )
-    assert row is not None and row.finished_at == first_finished and row.attempts == 1
+    assert count == 1
+
+
+def test_concurrent_second_execution_is_a_duplicate_and_first_result_wins(
+    sessions: sessionmaker[Session], tenant_id: uuid.UUID
+) -> None:
+    """Two workers ran the same request (both claimed it while it was running)."""
+    [message] = queued(sessions, tenant_id, ["twice"])
+    request_id = uuid.UUID(message.request_id)
+    now = datetime.now(UTC)
+
+    def attempt(output: str) -> Attempt:
+        return Attempt(
+            request_id=request_id,
+            tenant_id=tenant_id,
+            task=TaskKind.COMPLETE,
+            model="s",
+            engine="scripted",
+            worker="w",
+            batch_id=uuid.uuid4(),
+            batch_size=1,
+            succeeded=True,
+            output=output,
+            error=None,
+            prompt_tokens=1,
+            completion_tokens=1,
+            finish_reason="stop",
+            queue_wait_s=0.0,
+            engine_s=0.1,
+            ttft_s=0.01,
+            gpu_seconds=0.1,
+            cost=0.001,
+            started_at=now,
+            first_token_at=now,
+            finished_at=now,
+        )
+
+    with sessions.begin() as session:
+        assert record_batch(session, [attempt("first")]) == [Outcome.SUCCEEDED]
+    with sessions.begin() as session:
+        assert record_batch(session, [attempt("second")]) == [Outcome.DUPLICATE]
+    with sessions() as session:
+        row = session.get(Request, request_id)
+        outcomes = sorted(
+            session.scalars(select(LedgerEntry.outcome).where(LedgerEntry.request_id == request_id))
+        )
+    assert row is not None and row.output == "first" and row.attempts == 1
     assert outcomes == [Outcome.DUPLICATE, Outcome.SUCCEEDED]
+
+
+def test_cancelled_request_is_not_run(
+    runtime: WorkerRuntime,
+    engine: ScriptedEngine,
+    sessions: sessionmaker[Session],
+    tenant_id: uuid.UUID,
+) -> None:
+    [message] = queued(sessions, tenant_id, ["never"])
+    with sessions.begin() as session:
+        row = session.get(Request, uuid.UUID(message.request_id))
+        assert row is not None
+        row.status = RequestStatus.CANCELLED
+    calls = len(engine.calls)
+    assert runtime.submit(message).result(timeout=30) is Outcome.CANCELLED
+    assert len(engine.calls) == calls

@@ -3,9 +3,9 @@
 Celery's own task path costs about a millisecond of Python per message (a request object, a
 pool hand-off, events), all of it under the GIL the engine needs. Here a message (a bundle of
 requests, see tasks.contract) is decoded, buffered, and acknowledged from the worker's event
-loop once all its requests are committed: late acks, with no per-message task machinery. The worker is still a Celery worker (heartbeats,
-control commands, Flower), and unacknowledged messages go back to the queue on shutdown or
-after the visibility timeout.
+loop once all its requests are committed: late acks, with no per-message task machinery.
+The worker is still a Celery worker (heartbeats, control commands, Flower), and
+unacknowledged messages go back to the queue on shutdown or after the visibility timeout.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from inferq.enums import Outcome
 from router.config import ModelSpec
 from storage.ledger import Attempt
 from tasks.templates import OutputError, parse_output
@@ -28,8 +29,16 @@ class _Ran:
 
 class BatchExecutor:
     def __init__(
-        self, engine: Engine, *, model: str, spec: ModelSpec, worker: str, writer: BatchWriter
+        self,
+        engine: Engine,
+        *,
+        model: str,
+        spec: ModelSpec,
+        worker: str,
+        writer: BatchWriter,
+        claim: Callable[[list[uuid.UUID], float], set[uuid.UUID]],
     ) -> None:
+        self._claim = claim
         self._engine = engine
         self._model = model
         self._spec = spec
@@ -38,11 +47,25 @@ class BatchExecutor:
 
     def __call__(self, batch: list[WorkItem]) -> None:
         started = time.time()
-        self._writer.started(batch, started)
+        claimed = self._claim([uuid.UUID(i.message.request_id) for i in batch], started)
+        batch = self._drop_unclaimed(batch, claimed)
+        if not batch:
+            return
         clock = time.perf_counter()
         ran = self._isolate(batch)
         engine_s = time.perf_counter() - clock
         self._writer.finished(batch, self._attempts(ran, started, engine_s))
+
+    @staticmethod
+    def _drop_unclaimed(batch: list[WorkItem], claimed: set[uuid.UUID]) -> list[WorkItem]:
+        """Requests no longer open (cancelled, expired, finished) are settled unrun."""
+        kept = []
+        for item in batch:
+            if uuid.UUID(item.message.request_id) in claimed:
+                kept.append(item)
+            else:
+                item.future.set_result(Outcome.CANCELLED)
+        return kept
 
     def _isolate(self, items: Sequence[WorkItem]) -> list[_Ran]:
         """Run items as one call; if the call fails, split it until the culprit fails alone."""

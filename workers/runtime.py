@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from concurrent.futures import Future
+from datetime import UTC, datetime
+from functools import partial
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -12,11 +15,19 @@ from inferq.enums import Outcome
 from inferq.models import resolve_model_path
 from inferq.settings import Settings
 from router.config import RouterConfig
+from storage.ledger import claim
 from tasks.contract import RunMessage
 from workers.batcher import MicroBatcher
 from workers.engines import Engine, create_engine
 from workers.executor import BatchExecutor
 from workers.writer import BatchWriter
+
+
+def _claim(
+    sessions: sessionmaker[Session], request_ids: list[uuid.UUID], at: float
+) -> set[uuid.UUID]:
+    with sessions.begin() as session:
+        return claim(session, request_ids, datetime.fromtimestamp(at, UTC))
 
 
 class WorkerRuntime:
@@ -37,7 +48,12 @@ class WorkerRuntime:
         self.engine = engine
         self.writer = BatchWriter(sessions)
         executor = BatchExecutor(
-            engine, model=model, spec=spec, worker=worker_name, writer=self.writer
+            engine,
+            model=model,
+            spec=spec,
+            worker=worker_name,
+            writer=self.writer,
+            claim=partial(_claim, sessions),
         )
         self.batcher = MicroBatcher(
             executor,

@@ -11,24 +11,16 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.ledger import Attempt, mark_started, record_batch
+from storage.ledger import Attempt, record_batch
 from workers.batcher import WorkItem
 
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class _Started:
-    items: list[WorkItem]
-    at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +32,7 @@ class _Finished:
 class BatchWriter:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
-        self._jobs: queue.SimpleQueue[_Started | _Finished | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Finished | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="inferq-writer", daemon=True)
 
@@ -52,26 +44,12 @@ class BatchWriter:
         self._thread.join(timeout)
         self._stopping.set()
 
-    def started(self, items: list[WorkItem], at: float) -> None:
-        self._jobs.put(_Started(items, at))
-
     def finished(self, items: list[WorkItem], attempts: list[Attempt]) -> None:
         self._jobs.put(_Finished(items, attempts))
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
-            if isinstance(job, _Started):
-                self._mark_started(job)
-            else:
-                self._record(job)
-
-    def _mark_started(self, job: _Started) -> None:
-        ids = [uuid.UUID(item.message.request_id) for item in job.items]
-        try:
-            with self._sessions.begin() as session:
-                mark_started(session, ids, datetime.fromtimestamp(job.at, UTC))
-        except Exception:  # advisory only: the result write sets started_at anyway
-            log.warning("could not mark %d requests running", len(ids), exc_info=True)
+            self._record(job)
 
     def _record(self, job: _Finished) -> None:
         backoff = 0.1

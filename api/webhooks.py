@@ -1,0 +1,145 @@
+"""Webhook handlers: register endpoints (and read their secrets), inspect and replay deliveries."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.routes import Caller
+from api.service import BadRequest, Services
+from inferq.netguard import UnsafeURL, check_url
+from storage.webhooks import (
+    DeliveryStatus,
+    EndpointDisabled,
+    WebhookDelivery,
+    WebhookEndpoint,
+    get_delivery,
+    list_deliveries,
+    list_endpoints,
+    register_endpoint,
+    reset_for_replay,
+)
+from tasks.webhooks import publish_deliveries
+
+router = APIRouter()
+
+
+class CreateEndpoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2048)
+
+
+class EndpointPublic(BaseModel):
+    """An endpoint with its signing secret: the receiver needs it to verify deliveries."""
+
+    id: uuid.UUID
+    url: str
+    secret: str
+    disabled_at: datetime | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: WebhookEndpoint) -> EndpointPublic:
+        return cls(
+            id=row.id,
+            url=row.url,
+            secret=row.secret,
+            disabled_at=row.disabled_at,
+            created_at=row.created_at,
+        )
+
+
+class EndpointList(BaseModel):
+    data: list[EndpointPublic]
+
+
+class DeliveryPublic(BaseModel):
+    id: uuid.UUID
+    endpoint_id: uuid.UUID
+    event_type: str
+    status: DeliveryStatus
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: datetime | None
+    created_at: datetime
+    delivered_at: datetime | None
+    payload: dict[str, Any]
+
+    @classmethod
+    def of(cls, row: WebhookDelivery) -> DeliveryPublic:
+        return cls.model_validate(row, from_attributes=True)
+
+
+class DeliveryList(BaseModel):
+    data: list[DeliveryPublic]
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+@router.get("/v1/webhook-endpoints")
+def list_webhook_endpoints(request: Request, tenant: Caller) -> EndpointList:
+    with _services(request).sessions() as session:
+        return EndpointList(data=[EndpointPublic.of(e) for e in list_endpoints(session, tenant.id)])
+
+
+@router.post("/v1/webhook-endpoints")
+def create_webhook_endpoint(
+    request: Request, tenant: Caller, body: CreateEndpoint
+) -> EndpointPublic:
+    """Get or create the endpoint for a URL (re-enabling it after a 410) and show its secret."""
+    services = _services(request)
+    try:
+        check_url(body.url, allow_private=services.settings.webhook_allow_private)
+    except UnsafeURL as exc:
+        raise BadRequest(f"url: {exc}") from exc
+    with services.sessions.begin() as session:
+        return EndpointPublic.of(register_endpoint(session, tenant.id, body.url))
+
+
+@router.get("/v1/webhook-deliveries")
+def list_webhook_deliveries(
+    request: Request, tenant: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 20
+) -> DeliveryList:
+    with _services(request).sessions() as session:
+        rows = list_deliveries(session, tenant.id, limit=limit)
+        return DeliveryList(data=[DeliveryPublic.of(row) for row in rows])
+
+
+@router.get("/v1/webhook-deliveries/{delivery_id}")
+def get_webhook_delivery(
+    request: Request, tenant: Caller, delivery_id: uuid.UUID
+) -> DeliveryPublic:
+    with _services(request).sessions() as session:
+        row = get_delivery(session, tenant.id, delivery_id)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no webhook delivery {delivery_id}")
+    return DeliveryPublic.of(row)
+
+
+@router.post("/v1/webhook-deliveries/{delivery_id}/replay", status_code=status.HTTP_202_ACCEPTED)
+def replay_webhook_delivery(
+    request: Request, tenant: Caller, delivery_id: uuid.UUID
+) -> DeliveryPublic:
+    """Send a delivery again, same ``webhook-id``, with a fresh attempt budget."""
+    return DeliveryPublic.of(_replay(_services(request), tenant.id, delivery_id))
+
+
+def _replay(services: Services, tenant_id: uuid.UUID, delivery_id: uuid.UUID) -> WebhookDelivery:
+    try:
+        with services.sessions.begin() as session:
+            row = reset_for_replay(session, tenant_id, delivery_id)
+    except EndpointDisabled as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no webhook delivery {delivery_id}")
+    publish_deliveries(services.celery, [row.id])  # after the commit, never before
+    return row
