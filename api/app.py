@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import KeyCache
 from api.committer import GroupCommitter
+from api.job_routes import router as job_router
 from api.routes import router
 from api.service import BadRequest, Services
 from api.webhooks import router as webhooks_router
@@ -55,9 +56,14 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             app.state.services.dispose()
 
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
     app.exception_handler(BadRequest)(_bad_request)
     app.include_router(router)
+    app.include_router(job_router)
     app.include_router(webhooks_router)
     return app
 
@@ -66,18 +72,24 @@ async def _bad_request(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
+UPLOAD_PATHS = ("/v1/jobs", "/v1/files")
+
+
 class BodyLimit:
     """Refuse a body over the limit by its Content-Length, before reading it (pure ASGI)."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, max_upload_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_upload_bytes = max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            upload = scope["path"].startswith(UPLOAD_PATHS)
+            limit = self.max_upload_bytes if upload else self.max_bytes
             length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                detail = f"request body is {int(length)} bytes; the limit is {self.max_bytes}"
+            if length.isdigit() and int(length) > limit:
+                detail = f"request body is {int(length)} bytes; the limit is {limit}"
                 response = JSONResponse(
                     {"detail": detail},
                     status_code=status.HTTP_413_CONTENT_TOO_LARGE,

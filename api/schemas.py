@@ -8,8 +8,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from inferq.enums import Priority, RequestStatus, TaskKind
-from storage.models import Request, as_utc
+from inferq.enums import JobStatus, Priority, RequestStatus, TaskKind
+from storage.jobs import Progress
+from storage.models import Job, Request, as_utc
 from tasks.templates import SamplingIn
 
 
@@ -22,6 +23,7 @@ class CreateRequest(BaseModel):
     model: str | None = None
     priority: Priority = Priority.INTERACTIVE
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    webhook_url: str | None = Field(default=None, max_length=2000)
 
 
 class Usage(BaseModel):
@@ -98,3 +100,56 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     if start is None or end is None:
         return None
     return round((as_utc(end) - as_utc(start)).total_seconds(), 6)
+
+
+class JobPublic(BaseModel):
+    id: uuid.UUID
+    object: str = "inferq.job"
+    status: JobStatus
+    task: TaskKind
+    model: str | None
+    total: int
+    invalid: int
+    counts: dict[str, int]
+    requests_per_s: float | None
+    eta_s: float | None
+    created_at: datetime
+    cancelled_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job, progress: Progress) -> JobPublic:
+        counts = {status.value: progress.counts.get(status, 0) for status in RequestStatus}
+        return cls(
+            id=job.id,
+            status=progress.status,
+            task=job.task,
+            model=job.model,
+            total=job.total,
+            invalid=job.invalid,
+            counts=counts,
+            requests_per_s=progress.requests_per_s,
+            eta_s=progress.eta_s,
+            created_at=job.created_at,
+            cancelled_at=job.cancelled_at,
+        )
+
+
+class JobList(BaseModel):
+    object: str = "list"
+    data: list[JobPublic]
+
+
+def result_line(row: Request) -> dict[str, Any]:
+    """One line of a job's results file, keyed by the caller's item id."""
+    usage = None
+    if row.prompt_tokens is not None:
+        usage = {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens}
+    return {
+        "id": row.item_id,
+        "line": row.line,
+        "status": row.status.value,
+        "output": row.output,
+        "error": row.error,
+        "model": row.model,
+        "usage": usage,
+    }

@@ -19,9 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.schemas import CreateRequest
 from inferq.enums import RequestStatus
 from inferq.models import PromptMeter
+from inferq.netguard import UnsafeURL, check_url
 from inferq.settings import Settings
 from router import RouterConfig, RoutingError, route
-from storage.models import Request, utcnow
+from storage.models import Base, Job, Request, utcnow
 from storage.requests import find_by_idempotency_key
 from tasks.app import InferqCelery, publish
 from tasks.contract import EngineRequest, RunMessage
@@ -57,6 +58,8 @@ class Prepared:
     model: str
     queue: str
     engine_request: EngineRequest
+    item_id: str | None = None  # within a job: the caller's id and line
+    line: int | None = None
 
 
 def prepare(services: Services, tenant_id: uuid.UUID, body: CreateRequest) -> Prepared:
@@ -87,16 +90,27 @@ def prepare(services: Services, tenant_id: uuid.UUID, body: CreateRequest) -> Pr
             f"prompt is {prompt_tokens} tokens; with max_tokens {engine_request.max_tokens} it "
             f"exceeds {chosen.model}'s context of {spec.max_model_len} tokens"
         )
+    if body.webhook_url is not None:
+        check_webhook_url(services.settings, body.webhook_url)
     return Prepared(tenant_id, body, chosen.model, chosen.queue, engine_request)
+
+
+def check_webhook_url(settings: Settings, url: str) -> None:
+    try:
+        check_url(url, allow_private=settings.webhook_allow_private)
+    except UnsafeURL as exc:
+        raise BadRequest(f"webhook_url: {exc}") from exc
 
 
 def submit_many(
     services: Services,
     prepared: Sequence[Prepared],
     *,
-    job_id: uuid.UUID | None = None,
+    job: Job | None = None,
+    extra: Sequence[Base] = (),
 ) -> list[tuple[Request, bool]]:
-    """Insert prepared requests in one transaction, commit, then publish them.
+    """Insert prepared requests (and a job with its rows) in one transaction, commit, then
+    publish them.
 
     Returns each request's row and whether it is new (an idempotent replay is not).
     """
@@ -104,6 +118,10 @@ def submit_many(
     fresh: list[tuple[Request, Prepared]] = []
     now = utcnow()
     with services.sessions.begin() as session:
+        if job is not None:
+            session.add(job)
+            session.flush()
+        session.add_all(extra)
         for item in prepared:
             key = item.body.idempotency_key
             existing = find_by_idempotency_key(session, item.tenant_id, key) if key else None
@@ -113,7 +131,10 @@ def submit_many(
             row = Request(
                 id=uuid.uuid4(),
                 tenant_id=item.tenant_id,
-                job_id=job_id,
+                job_id=job.id if job is not None else None,
+                item_id=item.item_id,
+                line=item.line,
+                webhook_url=item.body.webhook_url,
                 task=item.body.task,
                 status=RequestStatus.QUEUED,
                 priority=item.body.priority,

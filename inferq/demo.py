@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,10 +67,8 @@ def run_demo(
             for item in items
         ]
         prepared = [prepare(services, tenant_id, body) for body in bodies]
-        with services.sessions.begin() as session:
-            job = Job(tenant_id=tenant_id, task=TaskKind.EXTRACT, total=len(prepared))
-            session.add(job)
-        submit_many(services, prepared, job_id=job.id)
+        job = Job(id=uuid.uuid4(), tenant_id=tenant_id, task=TaskKind.EXTRACT, total=len(prepared))
+        submit_many(services, prepared, job=job)
         _follow(services, job.id, len(prepared), timeout_s, console)
     with services.sessions() as session:
         summary = job_summary(session, job.id)

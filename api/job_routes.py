@@ -1,0 +1,121 @@
+"""Bulk job handlers: upload (JSONL or JSON), progress, cancel, results and errors."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from api.auth import current_tenant
+from api.jobs import JobBody, JobSpec, create_job, read_jsonl
+from api.schemas import JobList, JobPublic, result_line
+from api.service import BadRequest, Services
+from storage import jobs
+from storage.models import Job, Tenant, utcnow
+
+router = APIRouter()
+Caller = Annotated[Tenant, Depends(current_tenant)]
+NDJSON = "application/x-ndjson"
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+@router.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED)
+async def post_job(request: Request, tenant: Caller) -> JobPublic:
+    """``multipart/form-data`` with ``file`` (JSONL) and ``job`` (the spec as JSON), or a
+    JSON body with the spec and ``items``."""
+    services = _services(request)
+    spec, lines = await _read_upload(request, services)
+    job, _errors = await run_in_threadpool(create_job, services, tenant.id, spec, lines)
+    return await run_in_threadpool(_public, services, tenant.id, job.id)
+
+
+@router.get("/v1/jobs")
+def get_jobs(request: Request, tenant: Caller, limit: int = 50) -> JobList:
+    services = _services(request)
+    with services.sessions() as session:
+        found = jobs.list_jobs(session, tenant.id, limit=min(max(limit, 1), 500))
+        return JobList(data=[JobPublic.of(job, jobs.progress(session, job)) for job in found])
+
+
+@router.get("/v1/jobs/{job_id}")
+def get_job(request: Request, tenant: Caller, job_id: uuid.UUID) -> JobPublic:
+    return _public(_services(request), tenant.id, job_id)
+
+
+@router.post("/v1/jobs/{job_id}/cancel")
+def cancel_job(request: Request, tenant: Caller, job_id: uuid.UUID) -> JobPublic:
+    services = _services(request)
+    with services.sessions.begin() as session:
+        jobs.cancel(session, _owned(session, tenant.id, job_id), utcnow())
+    return _public(services, tenant.id, job_id)
+
+
+@router.get("/v1/jobs/{job_id}/results")
+def get_results(request: Request, tenant: Caller, job_id: uuid.UUID) -> StreamingResponse:
+    services = _services(request)
+    with services.sessions() as session:
+        _owned(session, tenant.id, job_id)
+
+    def lines() -> Iterator[bytes]:
+        with services.sessions() as session:
+            for row in jobs.results(session, job_id):
+                yield json.dumps(result_line(row)).encode() + b"\n"
+
+    return StreamingResponse(lines(), media_type=NDJSON)
+
+
+@router.get("/v1/jobs/{job_id}/errors")
+def get_errors(request: Request, tenant: Caller, job_id: uuid.UUID) -> StreamingResponse:
+    services = _services(request)
+    with services.sessions() as session:
+        _owned(session, tenant.id, job_id)
+        rows = jobs.errors(session, job_id)
+    body = b"".join(
+        json.dumps({"line": e.line, "id": e.item_id, "error": e.message}).encode() + b"\n"
+        for e in rows
+    )
+    return StreamingResponse(iter([body]), media_type=NDJSON)
+
+
+def _owned(session: Any, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    job = jobs.get_job(session, tenant_id, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+    return job
+
+
+def _public(services: Services, tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobPublic:
+    with services.sessions() as session:
+        job = _owned(session, tenant_id, job_id)
+        return JobPublic.of(job, jobs.progress(session, job))
+
+
+async def _read_upload(request: Request, services: Services) -> tuple[JobSpec, Any]:
+    settings = services.settings
+    try:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form(max_part_size=settings.max_upload_bytes)
+            upload, spec_text = form.get("file"), form.get("job")
+            if not isinstance(upload, UploadFile) or not isinstance(spec_text, str):
+                raise BadRequest("multipart upload needs a 'file' part (JSONL) and a 'job' field")
+            spec = JobSpec.model_validate_json(spec_text)
+            data = await upload.read()
+            return spec, read_jsonl(data, max_line_bytes=settings.max_line_bytes)
+        body = JobBody.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, exc.errors(include_url=False)
+        ) from exc
+    spec = JobSpec.model_validate(body.model_dump(exclude={"items"}))
+    return spec, enumerate(body.items, start=1)
