@@ -96,8 +96,9 @@ def _owned(session: Any, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
 
 
 def _public(services: Services, tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobPublic:
-    with services.sessions() as session:
+    with services.sessions.begin() as session:
         job = _owned(session, tenant_id, job_id)
+        jobs.expire_overdue(session, job, utcnow())
         return JobPublic.of(job, jobs.progress(session, job))
 
 

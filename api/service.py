@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
@@ -108,6 +109,7 @@ def submit_many(
     *,
     job: Job | None = None,
     extra: Sequence[Base] = (),
+    deadline_at: datetime | None = None,
 ) -> list[tuple[Request, bool]]:
     """Insert prepared requests (and a job with its rows) in one transaction, commit, then
     publish them.
@@ -144,6 +146,7 @@ def submit_many(
                 idempotency_key=key,
                 created_at=now,
                 queued_at=now,
+                deadline_at=deadline_at,
             )
             session.add(row)
             results.append((row, True))

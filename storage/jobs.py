@@ -49,6 +49,8 @@ def progress(session: Session, job: Job) -> Progress:
     open_ = counts.get(RequestStatus.QUEUED, 0) + running
     if job.cancelled_at is not None:
         status = JobStatus.CANCELLING if running else JobStatus.CANCELLED
+    elif not open_ and counts.get(RequestStatus.EXPIRED):
+        status = JobStatus.EXPIRED
     else:
         status = JobStatus.IN_PROGRESS if open_ else JobStatus.COMPLETED
     rate = None
@@ -67,6 +69,19 @@ def cancel(session: Session, job: Job, at: datetime) -> int:
         update(Request)
         .where(Request.job_id == job.id, Request.status == RequestStatus.QUEUED)
         .values(status=RequestStatus.CANCELLED, finished_at=at)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def expire_overdue(session: Session, job: Job, at: datetime) -> int:
+    """Past the job's deadline, what has not started expires (running batches finish)."""
+    if job.deadline_at is None or as_utc(job.deadline_at) > at:
+        return 0
+    result = session.execute(
+        update(Request)
+        .where(Request.job_id == job.id, Request.status == RequestStatus.QUEUED)
+        .values(status=RequestStatus.EXPIRED, finished_at=at, error="deadline passed before it ran")
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -46,12 +46,23 @@ class Attempt:
 
 
 def claim(session: Session, request_ids: Sequence[uuid.UUID], at: datetime) -> set[uuid.UUID]:
-    """Mark a batch's requests running and return those still open.
+    """Mark a batch's requests running and return those to run.
 
-    Requests cancelled, expired or already finished since they were published are left out,
-    so they are not run. A request already ``running`` is claimed again: its message came
-    back because the worker running it died.
+    Requests past their deadline are marked expired and left out, as are those cancelled or
+    finished since they were published. A request already ``running`` is claimed again: its
+    message came back because the worker running it died.
     """
+    session.execute(
+        update(Request)
+        .where(
+            Request.id.in_(request_ids),
+            Request.status.in_(_OPEN),
+            Request.deadline_at.is_not(None),
+            Request.deadline_at <= at,
+        )
+        .values(status=RequestStatus.EXPIRED, finished_at=at, error="deadline passed before it ran")
+        .execution_options(synchronize_session=False)
+    )
     rows = session.execute(
         update(Request)
         .where(Request.id.in_(request_ids), Request.status.in_(_OPEN))

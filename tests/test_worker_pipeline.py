@@ -218,3 +218,23 @@ def test_cancelled_request_is_not_run(
     calls = len(engine.calls)
     assert runtime.submit(message).result(timeout=30) is Outcome.CANCELLED
     assert len(engine.calls) == calls
+
+
+def test_request_past_its_deadline_expires_unrun(
+    runtime: WorkerRuntime,
+    engine: ScriptedEngine,
+    sessions: sessionmaker[Session],
+    tenant_id: uuid.UUID,
+) -> None:
+    [message] = queued(sessions, tenant_id, ["too late"])
+    request_id = uuid.UUID(message.request_id)
+    with sessions.begin() as session:
+        row = session.get(Request, request_id)
+        assert row is not None
+        row.deadline_at = datetime.now(UTC)
+    calls = len(engine.calls)
+    assert runtime.submit(message).result(timeout=30) is Outcome.CANCELLED
+    assert len(engine.calls) == calls
+    with sessions() as session:
+        row = session.get(Request, request_id)
+        assert row is not None and row.status == RequestStatus.EXPIRED
