@@ -171,6 +171,8 @@ def _publish(services: Services, fresh: Sequence[tuple[Request, Prepared]]) -> N
             priority=item.body.priority,
             engine_request=item.engine_request,
             enqueued_at=committed_at,
+            job_id=str(row.job_id) if row.job_id else None,
+            webhook_url=item.body.webhook_url,
         )
         by_model.setdefault(item.model, []).append(message)
     for model, messages in by_model.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def worker(settings: Settings, model: str, loglevel: str) -> None:
         raise click.UsageError("a separate worker needs INFERQ_BROKER_URL (e.g. redis://...)")
     app = create_celery(settings, config)
     engine = make_engine(settings.database_url)
-    runtime = WorkerRuntime.create(settings, config, model, make_sessionmaker(engine))
+    runtime = WorkerRuntime.create(settings, config, model, make_sessionmaker(engine), app)
     serve(app, {model: runtime})
     runtime.start()
     try:
@@ -119,7 +120,7 @@ def worker(settings: Settings, model: str, loglevel: str) -> None:
             queues=[FixedQueue.MAINTENANCE.value],
             pool="threads",
             concurrency=4,
-            hostname=f"{model}@%h",
+            hostname=f"{model}@{socket.gethostname()}",
             loglevel=loglevel,
         ).start()
     finally:

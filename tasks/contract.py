@@ -51,6 +51,8 @@ class RunMessage(BaseModel):
     engine_request: EngineRequest
     enqueued_at: float = Field(description="Unix time the request was committed.")
     deadline: float | None = None
+    job_id: str | None = None
+    webhook_url: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

@@ -52,7 +52,14 @@ def engine() -> ScriptedEngine:
 
 @pytest.fixture
 def runtime(engine: ScriptedEngine, sessions: sessionmaker[Session]) -> Iterator[WorkerRuntime]:
-    runtime = WorkerRuntime(engine, model="s", config=CONFIG, sessions=sessions, worker_name="t")
+    runtime = WorkerRuntime(
+        engine,
+        model="s",
+        config=CONFIG,
+        sessions=sessions,
+        worker_name="t",
+        publish_deliveries=lambda ids: None,
+    )
     runtime.start()
     yield runtime
     runtime.stop()

@@ -15,6 +15,7 @@ from tasks.app import InferqCelery
 from tasks.queues import FixedQueue
 from workers.consumer import serve
 from workers.runtime import WorkerRuntime
+from workers.webhooks import WebhookSender
 
 
 @contextmanager
@@ -26,22 +27,25 @@ def embedded_workers(
     *,
     models: Sequence[str] | None = None,
 ) -> Iterator[dict[str, WorkerRuntime]]:
-    """Run an engine per model and one Celery worker feeding them, until the block ends."""
+    """Run an engine per model and one Celery worker feeding them (and delivering webhooks),
+    until the block ends."""
     with ExitStack() as stack:
         runtimes = {}
         for model in models or list(config.models):
-            runtime = WorkerRuntime.create(settings, config, model, sessions)
+            runtime = WorkerRuntime.create(settings, config, model, sessions, celery)
             runtime.start()
             stack.callback(runtime.stop)
             runtimes[model] = runtime
         serve(celery, runtimes)
         stack.callback(celery.runtimes.clear)
+        celery.webhook_sender = WebhookSender(settings, sessions)
+        stack.callback(celery.webhook_sender.close)
         stack.enter_context(
             start_worker(
                 celery,
                 pool="threads",
-                concurrency=2,
-                queues=[FixedQueue.MAINTENANCE.value],
+                concurrency=4,
+                queues=[FixedQueue.MAINTENANCE.value, FixedQueue.WEBHOOKS.value],
                 perform_ping_check=False,
                 loglevel="WARNING",
                 shutdown_timeout=60.0,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from functools import partial
 
+from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from inferq.enums import Outcome
@@ -17,6 +19,7 @@ from inferq.settings import Settings
 from router.config import RouterConfig
 from storage.ledger import claim
 from tasks.contract import RunMessage
+from tasks.webhooks import publish_deliveries
 from workers.batcher import MicroBatcher
 from workers.engines import Engine, create_engine
 from workers.executor import BatchExecutor
@@ -41,12 +44,13 @@ class WorkerRuntime:
         config: RouterConfig,
         sessions: sessionmaker[Session],
         worker_name: str,
+        publish_deliveries: Callable[[list[uuid.UUID]], None],
     ) -> None:
         spec = config.models[model]
         self.model = model
         self.spec = spec
         self.engine = engine
-        self.writer = BatchWriter(sessions)
+        self.writer = BatchWriter(sessions, publish_deliveries)
         executor = BatchExecutor(
             engine,
             model=model,
@@ -69,6 +73,7 @@ class WorkerRuntime:
         config: RouterConfig,
         model: str,
         sessions: sessionmaker[Session],
+        celery: Celery,
     ) -> WorkerRuntime:
         """Load the model's engine (once per process) and wire the runtime around it."""
         if model not in config.models:
@@ -77,7 +82,14 @@ class WorkerRuntime:
         spec = config.models[model]
         engine = create_engine(spec, model_path=resolve_model_path(spec.path, settings))
         name = settings.worker_name or f"{model}@{socket.gethostname()}:{os.getpid()}"
-        return cls(engine, model=model, config=config, sessions=sessions, worker_name=name)
+        return cls(
+            engine,
+            model=model,
+            config=config,
+            sessions=sessions,
+            worker_name=name,
+            publish_deliveries=partial(publish_deliveries, celery),
+        )
 
     @property
     def buffer_size(self) -> int:

@@ -11,11 +11,16 @@ import logging
 import queue
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from inferq.enums import Outcome
+from storage.events import close_finished_jobs, request_completed
 from storage.ledger import Attempt, record_batch
+from storage.models import utcnow
 from workers.batcher import WorkItem
 
 log = logging.getLogger(__name__)
@@ -30,8 +35,13 @@ class _Finished:
 
 
 class BatchWriter:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        publish_deliveries: Callable[[list[uuid.UUID]], None],
+    ) -> None:
         self._sessions = sessions
+        self._publish_deliveries = publish_deliveries
         self._jobs: queue.SimpleQueue[_Finished | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="inferq-writer", daemon=True)
@@ -57,6 +67,7 @@ class BatchWriter:
             try:
                 with self._sessions.begin() as session:
                     outcomes = record_batch(session, job.attempts)
+                    deliveries = _events(session, job, outcomes)
                 break
             except Exception:
                 if self._stopping.is_set():
@@ -67,5 +78,24 @@ class BatchWriter:
                 log.warning("commit failed; retrying in %.1fs", backoff, exc_info=True)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        if deliveries:
+            try:
+                self._publish_deliveries(deliveries)
+            except Exception:  # recorded as pending; a replay or a reconciler sends them
+                log.exception("publishing %d webhook deliveries failed", len(deliveries))
         for item, outcome in zip(job.items, outcomes, strict=True):
             item.future.set_result(outcome)
+
+
+def _events(session: Session, job: _Finished, outcomes: list[Outcome]) -> list[uuid.UUID]:
+    """Webhook deliveries for this batch: finished requests, and jobs it finished."""
+    finished = [
+        (a.request_id, a.tenant_id, item.message.webhook_url, outcome)
+        for item, a, outcome in zip(job.items, job.attempts, outcomes, strict=True)
+        if item.message.webhook_url
+    ]
+    deliveries = request_completed(session, finished) if finished else []
+    job_ids = {uuid.UUID(item.message.job_id) for item in job.items if item.message.job_id}
+    if job_ids:
+        deliveries += close_finished_jobs(session, job_ids, utcnow())
+    return deliveries

@@ -1,0 +1,96 @@
+"""Completion events: a request with a webhook finished, a job has nothing left to run.
+
+Called inside the transaction that records the results, so an event exists exactly when its
+result does; the caller publishes the returned deliveries after the commit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import exists, select, update
+
+from inferq.enums import Outcome, RequestStatus
+from storage.jobs import progress
+from storage.models import Job, Request
+from storage.webhooks import enqueue_delivery
+
+_OPEN = (RequestStatus.QUEUED, RequestStatus.RUNNING)
+
+
+def request_completed(
+    session: Any, finished: Iterable[tuple[uuid.UUID, uuid.UUID, str, Outcome]]
+) -> list[uuid.UUID]:
+    """Queue ``request.completed`` for (request, tenant, webhook URL, outcome) just recorded.
+
+    Duplicates are not announced again: the first result was.
+    """
+    deliveries = []
+    for request_id, tenant_id, url, outcome in finished:
+        if outcome not in (Outcome.SUCCEEDED, Outcome.FAILED):
+            continue
+        row = session.get(Request, request_id)
+        payload = {
+            "id": str(request_id),
+            "status": row.status.value,
+            "task": row.task.value,
+            "model": row.model,
+            "output": row.output,
+            "error": row.error,
+            "usage": {
+                "prompt_tokens": row.prompt_tokens,
+                "completion_tokens": row.completion_tokens,
+            },
+        }
+        deliveries.append(
+            enqueue_delivery(
+                session,
+                tenant_id=tenant_id,
+                url=url,
+                event_type="request.completed",
+                payload=payload,
+            )
+        )
+    return deliveries
+
+
+def close_finished_jobs(
+    session: Any, job_ids: Iterable[uuid.UUID], at: datetime
+) -> list[uuid.UUID]:
+    """Stamp jobs with nothing left to run as finished, once, and queue ``job.completed``."""
+    deliveries = []
+    for job_id in set(job_ids):
+        still_open = exists().where(Request.job_id == job_id, Request.status.in_(_OPEN))
+        closed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.finished_at.is_(None), ~still_open)
+            .values(finished_at=at)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if closed is None:
+            continue
+        job = session.scalar(select(Job).where(Job.id == job_id))
+        if job.webhook_url:
+            state = progress(session, job)
+            payload = {
+                "id": str(job.id),
+                "status": state.status.value,
+                "task": job.task.value,
+                "total": job.total,
+                "invalid": job.invalid,
+                "counts": {s.value: n for s, n in state.counts.items()},
+            }
+            deliveries.append(
+                enqueue_delivery(
+                    session,
+                    tenant_id=job.tenant_id,
+                    url=job.webhook_url,
+                    event_type="job.completed",
+                    payload=payload,
+                )
+            )
+    return deliveries
