@@ -18,7 +18,9 @@ from api.jobs import JobBody, JobSpec, create_job, read_jsonl
 from api.schemas import JobList, JobPublic, result_line
 from api.service import BadRequest, Services
 from storage import jobs
+from storage.events import close_finished_jobs
 from storage.models import Job, Tenant, utcnow
+from tasks.webhooks import publish_deliveries
 
 router = APIRouter()
 Caller = Annotated[Tenant, Depends(current_tenant)]
@@ -57,7 +59,10 @@ def get_job(request: Request, tenant: Caller, job_id: uuid.UUID) -> JobPublic:
 def cancel_job(request: Request, tenant: Caller, job_id: uuid.UUID) -> JobPublic:
     services = _services(request)
     with services.sessions.begin() as session:
-        jobs.cancel(session, _owned(session, tenant.id, job_id), utcnow())
+        now = utcnow()
+        jobs.cancel(session, _owned(session, tenant.id, job_id), now)
+        deliveries = close_finished_jobs(session, [job_id], now)
+    publish_deliveries(services.celery, deliveries)
     return _public(services, tenant.id, job_id)
 
 
@@ -98,8 +103,13 @@ def _owned(session: Any, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
 def _public(services: Services, tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobPublic:
     with services.sessions.begin() as session:
         job = _owned(session, tenant_id, job_id)
-        jobs.expire_overdue(session, job, utcnow())
-        return JobPublic.of(job, jobs.progress(session, job))
+        now = utcnow()
+        deliveries = []
+        if jobs.expire_overdue(session, job, now):
+            deliveries = close_finished_jobs(session, [job_id], now)
+        public = JobPublic.of(job, jobs.progress(session, job))
+    publish_deliveries(services.celery, deliveries)
+    return public
 
 
 async def _read_upload(request: Request, services: Services) -> tuple[JobSpec, Any]:

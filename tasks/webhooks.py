@@ -45,6 +45,9 @@ def publish_deliveries(app: Celery, ids: Iterable[uuid.UUID]) -> None:
         app: The process's Celery app.
         ids: Ids returned by ``storage.webhooks.enqueue_delivery`` (or reset for a replay).
     """
+    ids = list(ids)
+    if not ids:
+        return
     with app.producer_or_acquire() as producer:
         for delivery_id in ids:
             app.send_task(
