@@ -163,5 +163,15 @@ def webhooks(settings: Settings, loglevel: str) -> None:
     run_webhook_worker(settings, loglevel=loglevel)
 
 
+def _register_client_commands() -> None:
+    from inferq.cli_jobs import jobs, results, submit
+
+    for command in (submit, jobs, results):
+        main.add_command(command)
+
+
+_register_client_commands()
+
+
 if __name__ == "__main__":
     main()

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1_000_000
     max_output_tokens: int = 4096
     worker_name: str = ""
+    # Where the CLI's client commands (submit, jobs, results) find the API.
+    api_url: str = "http://127.0.0.1:8000"
+    api_key: str = ""
     # Celery task events (received/started/succeeded) let Flower list every task, at the cost
     # of three Redis publishes per request in the worker; workers and queues show without them.
     task_events: bool = False
