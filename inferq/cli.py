@@ -147,7 +147,7 @@ def build_model(settings: Settings) -> None:
     """Build the tiny offline model into the cache folder (done on first use anyway)."""
     from inferq.tiny_model import ensure_tiny_model
 
-    click.echo(ensure_tiny_model(settings.models_dir))
+    click.echo(ensure_tiny_model(settings.model_cache))
 
 
 @main.command()

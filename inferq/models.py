@@ -15,7 +15,7 @@ def resolve_model_path(path: str, settings: Settings) -> Path:
     if path == BUILTIN_TINY:
         from inferq.tiny_model import ensure_tiny_model
 
-        return ensure_tiny_model(settings.models_dir)
+        return ensure_tiny_model(settings.model_cache)
     return Path(path).expanduser()
 
 

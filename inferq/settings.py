@@ -66,9 +66,12 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.cache_dir / 'inferq.db'}"
         if not self.broker_url:
             self.broker_url = MEMORY_BROKER
-        if self.models_dir is None:
-            self.models_dir = self.cache_dir / "models"
         return self
+
+    @property
+    def model_cache(self) -> Path:
+        """Where built models live: ``models_dir``, or ``cache_dir / "models"``."""
+        return self.models_dir or self.cache_dir / "models"
 
     @property
     def embedded(self) -> bool:

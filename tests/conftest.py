@@ -117,7 +117,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         INFERQ_BROKER_URL=settings.broker_url,
         INFERQ_CONFIG=str(settings.config),
         INFERQ_CACHE_DIR=str(settings.cache_dir),
-        INFERQ_MODELS_DIR=str(settings.models_dir),
+        INFERQ_MODELS_DIR=str(settings.model_cache),
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -170,8 +170,7 @@ def workers(settings: Settings, log_dir: Path) -> Iterator[dict[str, Process]]:
     """`inferq worker` processes for the real tiny model and the scripted one."""
     from inferq.tiny_model import ensure_tiny_model
 
-    assert settings.models_dir is not None
-    ensure_tiny_model(settings.models_dir)  # built once, before two processes want it
+    ensure_tiny_model(settings.model_cache)  # built once, before two processes want it
     env = service_env(settings)
     running = {
         model: start(f"worker-{model}", ["worker", "--model", model], env, log_dir)
