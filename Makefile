@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench services lint compose-check clean
+.PHONY: install demo test bench bench-bulk services lint compose-check clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ test: install services
 
 bench: install services
 	$(BIN)/python -m bench.throughput
+
+bench-bulk: install services
+	$(BIN)/python -m bench.bulk
 
 lint: install
 	$(BIN)/ruff check .
