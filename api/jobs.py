@@ -18,7 +18,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.schemas import CreateRequest
-from api.service import BadRequest, Prepared, Services, check_webhook_url, prepare, submit_many
+from api.service import (
+    BadRequest,
+    Prepared,
+    Services,
+    check_webhook_url,
+    prepare_many,
+    submit_many,
+)
 from inferq.enums import Priority, TaskKind
 from storage.models import Job, JobError
 from tasks.templates import INPUT_MODELS, SamplingIn
@@ -105,8 +112,9 @@ def _prepare_lines(
     prepared: list[Prepared] = []
     errors: list[LineError] = []
     first_seen: dict[str, int] = {}
+    staged: list[tuple[int, str | None, CreateRequest]] = []
     for number, item in lines:
-        if len(prepared) + len(errors) >= limit:
+        if len(staged) + len(errors) >= limit:
             raise BadRequest(f"the job has more than {limit} lines")
         if isinstance(item, LineError):
             errors.append(item)
@@ -116,19 +124,23 @@ def _prepare_lines(
             errors.append(LineError(number, item_id, problem))
             continue
         own = item["input"] if "input" in item else {k: v for k, v in item.items() if k in fields}
-        body = CreateRequest(
+        body = CreateRequest.model_construct(
             task=spec.task,
             input={**spec.input, **own},
             params=spec.params,
             model=spec.model,
             priority=Priority.BATCH,
+            idempotency_key=None,
+            webhook_url=None,
         )
-        try:
-            ready = prepare(services, tenant_id, body)
-        except BadRequest as exc:
-            errors.append(LineError(number, item_id, str(exc)))
-            continue
-        prepared.append(dataclasses.replace(ready, item_id=item_id, line=number))
+        staged.append((number, item_id, body))
+    checked = prepare_many(services, tenant_id, [body for _, _, body in staged])
+    for (number, item_id, _body), result in zip(staged, checked, strict=True):
+        if isinstance(result, BadRequest):
+            errors.append(LineError(number, item_id, str(result)))
+        else:
+            prepared.append(dataclasses.replace(result, item_id=item_id, line=number))
+    errors.sort(key=lambda e: e.line)
     return prepared, errors
 
 

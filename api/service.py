@@ -65,12 +65,43 @@ class Prepared:
 
 def prepare(services: Services, tenant_id: uuid.UUID, body: CreateRequest) -> Prepared:
     """Every check a request must pass before anything is written."""
+    [result] = prepare_many(services, tenant_id, [body])
+    if isinstance(result, BadRequest):
+        raise result
+    return result
+
+
+def prepare_many(
+    services: Services, tenant_id: uuid.UUID, bodies: Sequence[CreateRequest]
+) -> list[Prepared | BadRequest]:
+    """Check many requests; each comes back prepared or as the error that refuses it.
+
+    Prompt tokens are counted a model at a time, in one tokenizer call.
+    """
+    staged = [_stage(services, tenant_id, body) for body in bodies]
+    by_model: dict[str, list[int]] = {}
+    for index, item in enumerate(staged):
+        if isinstance(item, Prepared):
+            by_model.setdefault(item.model, []).append(index)
+    for model, indexes in by_model.items():
+        requests = [_prepared(staged[i]).engine_request for i in indexes]
+        for index, tokens in zip(indexes, services.meters[model].count_many(requests), strict=True):
+            staged[index] = _fits(services, _prepared(staged[index]), tokens)
+    return staged
+
+
+def _prepared(item: Prepared | BadRequest) -> Prepared:
+    assert isinstance(item, Prepared)
+    return item
+
+
+def _stage(services: Services, tenant_id: uuid.UUID, body: CreateRequest) -> Prepared | BadRequest:
     try:
         engine_request = render(body.task, body.input, body.params)
     except ValidationError as exc:
-        raise BadRequest(_describe(exc, prefix="input")) from exc
+        return BadRequest(_describe(exc, prefix="input"))
     except ValueError as exc:
-        raise BadRequest(str(exc)) from exc
+        return BadRequest(str(exc))
     try:
         chosen = route(
             body.task,
@@ -80,20 +111,28 @@ def prepare(services: Services, tenant_id: uuid.UUID, body: CreateRequest) -> Pr
             model_override=body.model,
         )
     except RoutingError as exc:
-        raise BadRequest(str(exc)) from exc
+        return BadRequest(str(exc))
     spec = services.config.models[chosen.model]
     limit = min(services.settings.max_output_tokens, spec.max_model_len - 1)
     if not 1 <= engine_request.max_tokens <= limit:
-        raise BadRequest(f"params.max_tokens must be between 1 and {limit} for {chosen.model}")
-    prompt_tokens = services.meters[chosen.model].count(engine_request)
-    if prompt_tokens + engine_request.max_tokens > spec.max_model_len:
-        raise BadRequest(
-            f"prompt is {prompt_tokens} tokens; with max_tokens {engine_request.max_tokens} it "
-            f"exceeds {chosen.model}'s context of {spec.max_model_len} tokens"
-        )
+        return BadRequest(f"params.max_tokens must be between 1 and {limit} for {chosen.model}")
     if body.webhook_url is not None:
-        check_webhook_url(services.settings, body.webhook_url)
+        try:
+            check_webhook_url(services.settings, body.webhook_url)
+        except BadRequest as exc:
+            return exc
     return Prepared(tenant_id, body, chosen.model, chosen.queue, engine_request)
+
+
+def _fits(services: Services, item: Prepared, prompt_tokens: int) -> Prepared | BadRequest:
+    max_model_len = services.config.models[item.model].max_model_len
+    max_tokens = item.engine_request.max_tokens
+    if prompt_tokens + max_tokens > max_model_len:
+        return BadRequest(
+            f"prompt is {prompt_tokens} tokens; with max_tokens {max_tokens} it "
+            f"exceeds {item.model}'s context of {max_model_len} tokens"
+        )
+    return item
 
 
 def check_webhook_url(settings: Settings, url: str) -> None:

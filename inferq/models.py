@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,33 @@ class PromptMeter:
         self._tokenizer: Any = AutoTokenizer.from_pretrained(str(model_path))
 
     def count(self, request: EngineRequest) -> int:
-        return len(encode_prompt(self._tokenizer, request))
+        return len(encode_prompts(self._tokenizer, [request])[0])
+
+    def count_many(self, requests: Sequence[EngineRequest]) -> list[int]:
+        return [len(ids) for ids in encode_prompts(self._tokenizer, requests)]
 
 
-def encode_prompt(tokenizer: Any, request: EngineRequest) -> list[int]:
-    """Token ids of a request's prompt: the chat template applied, or the raw prompt."""
-    if request.messages is not None:
-        text = tokenizer.apply_chat_template(
-            [m.model_dump() for m in request.messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(request.prompt or "")["input_ids"])
+def encode_prompts(tokenizer: Any, requests: Sequence[EngineRequest]) -> list[list[int]]:
+    """Token ids of each request's prompt (the chat template applied, or the raw prompt),
+    in one tokenizer call per kind: batching matters for bulk jobs."""
+    ids: list[list[int]] = [[] for _ in requests]
+    chats = [i for i, r in enumerate(requests) if r.messages is not None]
+    raws = [i for i, r in enumerate(requests) if r.messages is None]
+    if chats:
+        texts = [
+            tokenizer.apply_chat_template(
+                [m.model_dump() for m in requests[i].messages or []],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            for i in chats
+        ]
+        for i, encoded in zip(
+            chats, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True
+        ):
+            ids[i] = list(encoded)
+    if raws:
+        texts = [requests[i].prompt or "" for i in raws]
+        for i, encoded in zip(raws, tokenizer(texts)["input_ids"], strict=True):
+            ids[i] = list(encoded)
+    return ids

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     # worker. It must outlast the longest time a message waits in a worker's buffer plus
     # the longest batch, or Redis redelivers work that is still running.
     visibility_timeout_s: int = 3600
+    # Prefix for every Redis key the broker uses: lets deployments (or test sessions) share
+    # one Redis without seeing each other's queues.
+    broker_key_prefix: str = ""
     # Bounded long-poll on GET /v1/requests/{id}?wait=...
     max_wait_s: float = 30.0
     max_body_bytes: int = 1_000_000

@@ -54,6 +54,11 @@ def create_celery(settings: Settings, config: RouterConfig) -> InferqCelery:
             # hands running work to a second worker.
             "visibility_timeout": settings.visibility_timeout_s,
             "queue_order_strategy": "priority",
+            **(
+                {"global_keyprefix": settings.broker_key_prefix}
+                if settings.broker_key_prefix
+                else {}
+            ),
         },
         broker_connection_retry_on_startup=True,
         worker_send_task_events=settings.task_events,  # Flower's per-task view

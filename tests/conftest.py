@@ -67,16 +67,21 @@ def database_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+BROKER_PREFIX = f"inferq-test-{uuid.uuid4().hex[:8]}:"
+
+
 @pytest.fixture(scope="session")
 def broker_url() -> Iterator[str]:
+    """Redis, shared with anything else there: this session's keys carry BROKER_PREFIX."""
     url = f"{REDIS_URL}/{REDIS_DB}"
     client = redis.Redis.from_url(url)
     try:
-        client.flushdb()
+        client.ping()
     except redis.ConnectionError as exc:
         pytest.fail(f"Redis is required at {REDIS_URL}: {exc}")
     yield url
-    client.flushdb()
+    for key in client.scan_iter(f"{BROKER_PREFIX}*"):
+        client.delete(key)
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +92,8 @@ def settings(database_url: str, broker_url: str) -> Settings:
         config=TEST_CONFIG,
         models_dir=MODELS_DIR,
         cache_dir=ROOT / ".cache",
+        # Sessions running at once share Redis; each sees only its own queues.
+        broker_key_prefix=BROKER_PREFIX,
     )
 
 
@@ -118,6 +125,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         INFERQ_CONFIG=str(settings.config),
         INFERQ_CACHE_DIR=str(settings.cache_dir),
         INFERQ_MODELS_DIR=str(settings.model_cache),
+        INFERQ_BROKER_KEY_PREFIX=settings.broker_key_prefix,
         PYTHONUNBUFFERED="1",
     )
     return env

@@ -73,7 +73,8 @@ BAD = [
 def queued_on(settings: Settings, model: str) -> int:
     """Messages waiting on a model's queue, across kombu's per-priority lists."""
     client = redis.Redis.from_url(settings.broker_url)
-    return sum(int(client.llen(key)) for key in client.scan_iter(f"inferq.model.{model}*"))
+    pattern = f"{settings.broker_key_prefix}inferq.model.{model}*"
+    return sum(int(client.llen(key)) for key in client.scan_iter(pattern))
 
 
 def rows_for_key(sessions: sessionmaker[Session], key: str) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from inferq.models import encode_prompt
+from inferq.models import encode_prompts
 from router.config import ModelSpec
 from tasks.contract import EngineRequest
 from workers.engines.base import Generation
@@ -49,7 +49,7 @@ class VllmEngine:
         self._tokenizer = self._llm.get_tokenizer()
 
     def generate(self, requests: Sequence[EngineRequest]) -> list[Generation]:
-        prompts = [self._prompt(r) for r in requests]
+        prompts = [{"prompt_token_ids": ids} for ids in encode_prompts(self._tokenizer, requests)]
         params = [self._sampling(r) for r in requests]
         started_wall = time.time()
         outputs = self._llm.generate(prompts, params, use_tqdm=False)
@@ -59,9 +59,6 @@ class VllmEngine:
         engine_core = getattr(self._llm.llm_engine, "engine_core", None)
         if engine_core is not None:
             engine_core.shutdown()
-
-    def _prompt(self, request: EngineRequest) -> dict[str, Any]:
-        return {"prompt_token_ids": encode_prompt(self._tokenizer, request)}
 
     @staticmethod
     def _sampling(request: EngineRequest) -> Any:
