@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.auth import KeyCache
 from api.committer import GroupCommitter
 from api.job_routes import router as job_router
+from api.openai_routes import router as openai_router
 from api.routes import router
 from api.service import BadRequest, Services
 from api.webhooks import router as webhooks_router
@@ -65,6 +66,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(job_router)
     app.include_router(webhooks_router)
+    app.include_router(openai_router)
     return app
 
 

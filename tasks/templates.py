@@ -6,6 +6,7 @@ optional output constraint, and turns the engine's text back into the kind's res
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -39,6 +40,16 @@ def _non_blank(value: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=256)
+def _schema_problem(canonical: str) -> str | None:
+    """Check a schema once: a bulk job's lines share one, and checking costs milliseconds."""
+    try:
+        Draft202012Validator.check_schema(json.loads(canonical))
+    except SchemaError as exc:
+        return exc.message
+    return None
+
+
 class ExtractInput(_Input):
     text: str
     schema_: dict[str, Any] = Field(alias="schema")
@@ -48,10 +59,9 @@ class ExtractInput(_Input):
     @field_validator("schema_")
     @classmethod
     def _valid_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        try:
-            Draft202012Validator.check_schema(schema)
-        except SchemaError as exc:
-            raise ValueError(f"not a valid JSON Schema: {exc.message}") from exc
+        problem = _schema_problem(json.dumps(schema, sort_keys=True))
+        if problem is not None:
+            raise ValueError(f"not a valid JSON Schema: {problem}")
         if schema.get("type") != "object":
             raise ValueError('must describe an object ("type": "object")')
         return schema
@@ -82,6 +92,16 @@ class ExpandInput(_Input):
 
 class ChatInput(_Input):
     messages: list[ChatMessage] = Field(min_length=1)
+    # Structured output (the OpenAI API's ``response_format`` with a JSON schema).
+    json_schema: dict[str, Any] | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _valid_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        problem = None if schema is None else _schema_problem(json.dumps(schema, sort_keys=True))
+        if problem is not None:
+            raise ValueError(f"not a valid JSON Schema: {problem}")
+        return schema
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatInput:
@@ -150,7 +170,9 @@ def render(task: TaskKind, payload: dict[str, Any], sampling: SamplingIn) -> Eng
         messages = [_system("Rewrite the search query another way."), _user(data.query)]
         return EngineRequest(messages=messages, n=data.n, max_tokens=max_tokens, **knobs)
     if isinstance(data, ChatInput):
-        return EngineRequest(messages=data.messages, max_tokens=max_tokens, **knobs)
+        return EngineRequest(
+            messages=data.messages, json_schema=data.json_schema, max_tokens=max_tokens, **knobs
+        )
     assert isinstance(data, CompleteInput)
     return EngineRequest(prompt=data.prompt, max_tokens=max_tokens, **knobs)
 
@@ -179,4 +201,5 @@ def parse_output(task: TaskKind, request: EngineRequest, texts: list[str]) -> An
         return label
     if task is TaskKind.EXPAND:
         return texts
+    # A chat with a JSON schema keeps its text: the chat completion's content is the JSON text.
     return texts[0]

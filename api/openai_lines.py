@@ -1,0 +1,156 @@
+"""The Batch API's JSONL, both ways: input lines to native requests, rows to output lines.
+
+An input line is ``{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}``.
+Each bad line becomes one error-file line naming its line number (and its ``custom_id`` where
+it has one); good lines run. Error-file codes:
+
+* ``invalid_request``: the line was refused before anything ran (not JSON, over the size
+  limit, not an object, no or a duplicate ``custom_id``, wrong ``method`` or ``url``, a bad
+  ``body``, an unknown model, a prompt too long for the model).
+* ``batch_expired``: the line had not started when the completion window closed.
+* ``batch_cancelled``: the line had not started when the batch was cancelled.
+* ``engine_error``: the line ran and failed (after the worker's retries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import ValidationError
+
+from api.jobs import LineError, read_jsonl
+from api.openai_schemas import ChatCompletion, ChatCompletionBody, describe
+from api.service import BadRequest, Prepared, Services, prepare
+from inferq.enums import Priority, RequestStatus
+from storage.models import JobError, Request
+
+CHAT_URL = "/v1/chat/completions"
+MAX_CUSTOM_ID = 200  # the width of requests.item_id
+ERROR_CODES = {
+    RequestStatus.EXPIRED: "batch_expired",
+    RequestStatus.CANCELLED: "batch_cancelled",
+    RequestStatus.FAILED: "engine_error",
+}
+
+
+def prepare_lines(
+    services: Services, tenant_id: uuid.UUID, data: bytes
+) -> tuple[list[Prepared], list[LineError]]:
+    """Validate every line of an input file; nothing is written here.
+
+    Raises:
+        BadRequest: the file has more lines than a job may hold.
+    """
+    settings = services.settings
+    prepared: list[Prepared] = []
+    errors: list[LineError] = []
+    first_seen: dict[str, int] = {}
+    for number, item in read_jsonl(data, max_line_bytes=settings.max_line_bytes):
+        if len(prepared) + len(errors) >= settings.max_job_lines:
+            raise BadRequest(f"the input file has more than {settings.max_job_lines} lines")
+        if isinstance(item, LineError):
+            errors.append(item)
+            continue
+        custom_id = _custom_id(item)
+        try:
+            body = _check_line(item, number, custom_id, first_seen)
+            ready = prepare(services, tenant_id, body.to_native(Priority.BATCH))
+        except BadRequest as exc:
+            errors.append(LineError(number, custom_id, str(exc)))
+            continue
+        prepared.append(dataclasses.replace(ready, item_id=custom_id, line=number))
+    return prepared, errors
+
+
+def _custom_id(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return None
+    value = item.get("custom_id")
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_CUSTOM_ID else None
+
+
+def _check_line(
+    item: Any, number: int, custom_id: str | None, first_seen: dict[str, int]
+) -> ChatCompletionBody:
+    if not isinstance(item, dict):
+        raise BadRequest("a line must be a JSON object")
+    if custom_id is None:
+        raise BadRequest(f"custom_id must be a non-empty string of at most {MAX_CUSTOM_ID} chars")
+    if custom_id in first_seen:
+        raise BadRequest(
+            f"duplicate custom_id {custom_id!r} (first on line {first_seen[custom_id]})"
+        )
+    first_seen[custom_id] = number
+    if item.get("method") != "POST":
+        raise BadRequest(f"method {item.get('method')!r} is not supported; use POST")
+    if item.get("url") != CHAT_URL:
+        raise BadRequest(f"url {item.get('url')!r} is not supported; use {CHAT_URL}")
+    body = item.get("body")
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object (a chat completions request)")
+    try:
+        return ChatCompletionBody.model_validate(body)
+    except ValidationError as exc:
+        raise BadRequest(describe(exc.errors(include_url=False), prefix="body")) from exc
+
+
+def output_line(row: Request) -> dict[str, Any]:
+    """A succeeded request as the Batch API writes it to the output file."""
+    return {
+        "id": f"batch_req_{row.id.hex}",
+        "custom_id": row.item_id,
+        "response": {
+            "status_code": 200,
+            "request_id": str(row.id),
+            "body": ChatCompletion.of(row).model_dump(mode="json"),
+        },
+        "error": None,
+    }
+
+
+def request_error_line(row: Request) -> dict[str, Any]:
+    """A request that ended without output (expired, cancelled, failed)."""
+    message = row.error or f"the request was {row.status.value}"
+    return _error_line(f"batch_req_{row.id.hex}", row.item_id, ERROR_CODES[row.status], message)
+
+
+def line_error_line(job_id: uuid.UUID, error: JobError) -> dict[str, Any]:
+    """A line refused at validation; its id is stable across downloads."""
+    line_id = uuid.uuid5(job_id, f"line-{error.line}").hex
+    message = f"line {error.line}: {error.message}"
+    return _error_line(f"batch_req_{line_id}", error.item_id, "invalid_request", message)
+
+
+def _error_line(line_id: str, custom_id: str | None, code: str, message: str) -> dict[str, Any]:
+    return {
+        "id": line_id,
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
+
+
+def error_lines(
+    job_id: uuid.UUID, refused: list[JobError], requests: Iterator[Request]
+) -> Iterator[dict[str, Any]]:
+    """Refused lines and requests that ended without output, merged in input order.
+
+    Args:
+        job_id: The batch's job, which makes the ids of refused lines.
+        refused: The job's refused lines, by line.
+        requests: The job's requests, by line; those with output are skipped.
+    """
+    pending = iter(refused)
+    nxt = next(pending, None)
+    for row in requests:
+        while nxt is not None and nxt.line < (row.line or 0):
+            yield line_error_line(job_id, nxt)
+            nxt = next(pending, None)
+        if row.status in ERROR_CODES:
+            yield request_error_line(row)
+    while nxt is not None:
+        yield line_error_line(job_id, nxt)
+        nxt = next(pending, None)

@@ -1,0 +1,106 @@
+"""Tables of the OpenAI-compatible surface: uploaded files and batches.
+
+A batch is a native job underneath (its requests carry ``item_id = custom_id``); this row
+keeps what the Batch API shows and the job does not: the input file, the window, metadata,
+the moments the status changed, and the errors of a batch that failed validation outright.
+Output and error files are not stored: they are written from the job's rows on demand.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Index, Integer, LargeBinary, String, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from storage.models import Base, utcnow
+
+
+def new_file_id() -> str:
+    return f"file-{uuid.uuid4().hex}"
+
+
+def new_batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex}"
+
+
+class StoredFile(Base):
+    """An uploaded file, kept whole: batch inputs are read once, at batch creation."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_file_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    size: Mapped[int] = mapped_column("bytes", Integer)
+    content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Batch(Base):
+    """An OpenAI batch; its status comes from its job's progress unless it failed outright."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_batch_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    # No job when every line failed validation: nothing was queued.
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    status: Mapped[str | None] = mapped_column(String(16))  # set only for "failed"
+    errors: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # why it failed, by line
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    in_progress_at: Mapped[datetime | None]
+    finalizing_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]
+    expired_at: Mapped[datetime | None]
+    cancelling_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+
+
+def get_file(session: Session, tenant_id: uuid.UUID, file_id: str) -> StoredFile | None:
+    """A file by id, only if it belongs to this tenant; another tenant's id reads as absent."""
+    return session.scalar(
+        select(StoredFile).where(StoredFile.id == file_id, StoredFile.tenant_id == tenant_id)
+    )
+
+
+def list_files(
+    session: Session, tenant_id: uuid.UUID, *, purpose: str | None, limit: int
+) -> list[StoredFile]:
+    query = select(StoredFile).where(StoredFile.tenant_id == tenant_id)
+    if purpose is not None:
+        query = query.where(StoredFile.purpose == purpose)
+    query = query.order_by(StoredFile.created_at.desc(), StoredFile.id.desc())
+    return list(session.scalars(query.limit(limit)))
+
+
+def get_batch(session: Session, tenant_id: uuid.UUID, batch_id: str) -> Batch | None:
+    return session.scalar(select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id))
+
+
+def list_batches(
+    session: Session, tenant_id: uuid.UUID, *, after: str | None, limit: int
+) -> list[Batch]:
+    """Newest first; ``after`` is the last id of the previous page (the Batch API's cursor)."""
+    query = select(Batch).where(Batch.tenant_id == tenant_id)
+    if after is not None:
+        cursor = get_batch(session, tenant_id, after)
+        if cursor is None:
+            return []
+        query = query.where(
+            (Batch.created_at < cursor.created_at)
+            | ((Batch.created_at == cursor.created_at) & (Batch.id < cursor.id))
+        )
+    query = query.order_by(Batch.created_at.desc(), Batch.id.desc())
+    return list(session.scalars(query.limit(limit)))
