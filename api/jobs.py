@@ -24,7 +24,7 @@ from api.service import (
     Services,
     check_webhook_url,
     prepare_many,
-    submit_many,
+    submit_job,
 )
 from inferq.enums import Priority, TaskKind
 from storage.models import Job, JobError
@@ -100,7 +100,7 @@ def create_job(
     rows = [
         JobError(job_id=job.id, line=e.line, item_id=e.item_id, message=e.message) for e in errors
     ]
-    submit_many(services, prepared, job=job, extra=rows)
+    submit_job(services, prepared, job=job, extra=rows)
     return job, errors
 
 

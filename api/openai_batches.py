@@ -34,7 +34,7 @@ from api.openai_schemas import (
     RequestCounts,
     unix,
 )
-from api.service import Services, submit_many
+from api.service import Services, submit_job
 from inferq.enums import JobStatus, RequestStatus, TaskKind
 from storage import jobs
 from storage import openai_files as store
@@ -239,7 +239,7 @@ def create_batch(services: Services, tenant_id: uuid.UUID, body: BatchCreate) ->
     refused = [
         JobError(job_id=job.id, line=e.line, item_id=e.item_id, message=e.message) for e in errors
     ]
-    submit_many(services, prepared, job=job, extra=[*refused, batch], deadline_at=batch.expires_at)
+    submit_job(services, prepared, job=job, extra=[*refused, batch], deadline_at=batch.expires_at)
     return get_batch(services, tenant_id, batch.id)
 
 

@@ -12,8 +12,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -142,54 +144,25 @@ def check_webhook_url(settings: Settings, url: str) -> None:
         raise BadRequest(f"webhook_url: {exc}") from exc
 
 
-def submit_many(
-    services: Services,
-    prepared: Sequence[Prepared],
-    *,
-    job: Job | None = None,
-    extra: Sequence[Base] = (),
-    deadline_at: datetime | None = None,
-) -> list[tuple[Request, bool]]:
-    """Insert prepared requests (and a job with its rows) in one transaction, commit, then
-    publish them.
+def submit_many(services: Services, prepared: Sequence[Prepared]) -> list[tuple[Request, bool]]:
+    """Insert prepared requests in one transaction, commit, then publish them.
 
     Returns each request's row and whether it is new (an idempotent replay is not).
     """
     results: list[tuple[Request, bool]] = []
-    fresh: list[tuple[Request, Prepared]] = []
+    fresh: list[tuple[uuid.UUID, uuid.UUID | None, Prepared]] = []
     now = utcnow()
     with services.sessions.begin() as session:
-        if job is not None:
-            session.add(job)
-            session.flush()
-        session.add_all(extra)
         for item in prepared:
             key = item.body.idempotency_key
             existing = find_by_idempotency_key(session, item.tenant_id, key) if key else None
             if existing is not None:
                 results.append((existing, False))
                 continue
-            row = Request(
-                id=uuid.uuid4(),
-                tenant_id=item.tenant_id,
-                job_id=job.id if job is not None else None,
-                item_id=item.item_id,
-                line=item.line,
-                webhook_url=item.body.webhook_url,
-                task=item.body.task,
-                status=RequestStatus.QUEUED,
-                priority=item.body.priority,
-                model=item.model,
-                input=item.body.input,
-                params=item.body.params.model_dump(exclude_none=True),
-                idempotency_key=key,
-                created_at=now,
-                queued_at=now,
-                deadline_at=deadline_at,
-            )
+            row = Request(**_row(item, now, job_id=None, deadline_at=None))
             session.add(row)
             results.append((row, True))
-            fresh.append((row, item))
+            fresh.append((row.id, None, item))
         try:
             session.flush()
         except IntegrityError as exc:  # a concurrent submit with the same idempotency key
@@ -198,19 +171,73 @@ def submit_many(
     return results
 
 
-def _publish(services: Services, fresh: Sequence[tuple[Request, Prepared]]) -> None:
+def submit_job(
+    services: Services,
+    prepared: Sequence[Prepared],
+    *,
+    job: Job,
+    extra: Sequence[Base] = (),
+    deadline_at: datetime | None = None,
+) -> None:
+    """Insert a job, its rows and its requests in one transaction, commit, then publish.
+
+    Bulk path: plain multi-row INSERTs rather than ORM objects, published in bundles.
+    """
+    now = utcnow()
+    rows = [_row(item, now, job_id=job.id, deadline_at=deadline_at) for item in prepared]
+    with services.sessions.begin() as session:
+        session.add(job)
+        session.add_all(extra)
+        session.flush()
+        for start in range(0, len(rows), INSERT_CHUNK):
+            session.execute(insert(Request.__table__), rows[start : start + INSERT_CHUNK])
+    _publish(
+        services, [(row["id"], job.id, item) for row, item in zip(rows, prepared, strict=True)]
+    )
+
+
+INSERT_CHUNK = 5000
+
+
+def _row(
+    item: Prepared, now: datetime, *, job_id: uuid.UUID | None, deadline_at: datetime | None
+) -> dict[str, Any]:
+    return {
+        "id": uuid.uuid4(),
+        "tenant_id": item.tenant_id,
+        "job_id": job_id,
+        "item_id": item.item_id,
+        "line": item.line,
+        "webhook_url": item.body.webhook_url,
+        "task": item.body.task,
+        "status": RequestStatus.QUEUED,
+        "priority": item.body.priority,
+        "model": item.model,
+        "input": item.body.input,
+        "params": item.body.params.model_dump(exclude_none=True),
+        "idempotency_key": item.body.idempotency_key,
+        "attempts": 0,
+        "created_at": now,
+        "queued_at": now,
+        "deadline_at": deadline_at,
+    }
+
+
+def _publish(
+    services: Services, fresh: Sequence[tuple[uuid.UUID, uuid.UUID | None, Prepared]]
+) -> None:
     committed_at = time.time()
     by_model: dict[str, list[RunMessage]] = {}
-    for row, item in fresh:
+    for request_id, job_id, item in fresh:
         message = RunMessage(
-            request_id=str(row.id),
+            request_id=str(request_id),
             tenant_id=str(item.tenant_id),
             model=item.model,
             task=item.body.task,
             priority=item.body.priority,
             engine_request=item.engine_request,
             enqueued_at=committed_at,
-            job_id=str(row.job_id) if row.job_id else None,
+            job_id=str(job_id) if job_id else None,
             webhook_url=item.body.webhook_url,
         )
         by_model.setdefault(item.model, []).append(message)

@@ -41,8 +41,9 @@ def main() -> None:
                 base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=3600
             ) as client,
         ):
-            accept_s, first_s = _accept_and_first(client, args.lines)
+            # Throughput first: the big job's cancelled remainder would sit ahead of it.
             service_rps = _throughput(client, stack, args.throughput_lines)
+            accept_s, first_s = _accept_and_first(client, args.lines)
         with _direct_engine(settings) as engine:
             request = render(
                 TaskKind.CHAT,

@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from api.schemas import CreateRequest
-from api.service import Services, prepare, submit_many
+from api.service import Services, prepare, submit_job
 from inferq.enums import Priority, TaskKind
 from inferq.settings import Settings
 from storage.migrate import upgrade
@@ -68,7 +68,7 @@ def run_demo(
         ]
         prepared = [prepare(services, tenant_id, body) for body in bodies]
         job = Job(id=uuid.uuid4(), tenant_id=tenant_id, task=TaskKind.EXTRACT, total=len(prepared))
-        submit_many(services, prepared, job=job)
+        submit_job(services, prepared, job=job)
         _follow(services, job.id, len(prepared), timeout_s, console)
     with services.sessions() as session:
         summary = job_summary(session, job.id)

@@ -84,6 +84,7 @@ def publish(app: Celery, messages: list[RunMessage], *, queue: str, bundle_size:
                 app.send_task(
                     RUN_TASK_NAME,
                     args=[bundle],
+                    argsrepr=f"[<{len(bundle)} requests>]",  # not a repr of every request
                     queue=queue,
                     priority=_PRIORITY[priority],
                     producer=producer,
