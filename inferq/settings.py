@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CONFIG = Path(__file__).parent / "default_config.yaml"
-MEMORY_BROKER = "memory://"
+MEMORY_BROKER = "memory://localhost//"
 
 
 def _default_cache_dir() -> Path:
@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         """True when the broker lives in this process (the embedded default)."""
-        return self.broker_url.startswith(MEMORY_BROKER)
+        return self.broker_url.startswith("memory://")
 
 
 def load_settings(**overrides: object) -> Settings:
