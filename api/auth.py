@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING, Annotated
 
-from fastapi import HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import Tenant
 from storage.tenants import hash_key, tenant_for_key
+
+if TYPE_CHECKING:
+    from api.service import Services
 
 CACHE_TTL_S = 30.0
 
@@ -59,3 +63,12 @@ def _unauthorized(message: str) -> HTTPException:
     return HTTPException(
         status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"}
     )
+
+
+Caller = Annotated[Tenant, Depends(current_tenant)]
+
+
+def services_of(request: Request) -> Services:
+    """The process's services, built once in the app's lifespan."""
+    services: Services = request.app.state.services
+    return services

@@ -5,38 +5,32 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from api.auth import current_tenant
+from api.auth import Caller, services_of
 from api.jobs import JobBody, JobSpec, create_job, read_jsonl
 from api.schemas import JobList, JobPublic, result_line
 from api.service import BadRequest, Services
 from storage import jobs
 from storage.events import close_finished_jobs
-from storage.models import Job, Tenant, utcnow
+from storage.models import Job, utcnow
 from tasks.webhooks import publish_deliveries
 
 router = APIRouter()
-Caller = Annotated[Tenant, Depends(current_tenant)]
 NDJSON = "application/x-ndjson"
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
 
 
 @router.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED)
 async def post_job(request: Request, tenant: Caller) -> JobPublic:
     """``multipart/form-data`` with ``file`` (JSONL) and ``job`` (the spec as JSON), or a
     JSON body with the spec and ``items``."""
-    services = _services(request)
+    services = services_of(request)
     spec, lines = await _read_upload(request, services)
     job, _errors = await run_in_threadpool(create_job, services, tenant.id, spec, lines)
     return await run_in_threadpool(_public, services, tenant.id, job.id)
@@ -44,7 +38,7 @@ async def post_job(request: Request, tenant: Caller) -> JobPublic:
 
 @router.get("/v1/jobs")
 def get_jobs(request: Request, tenant: Caller, limit: int = 50) -> JobList:
-    services = _services(request)
+    services = services_of(request)
     with services.sessions() as session:
         found = jobs.list_jobs(session, tenant.id, limit=min(max(limit, 1), 500))
         return JobList(data=[JobPublic.of(job, jobs.progress(session, job)) for job in found])
@@ -52,12 +46,12 @@ def get_jobs(request: Request, tenant: Caller, limit: int = 50) -> JobList:
 
 @router.get("/v1/jobs/{job_id}")
 def get_job(request: Request, tenant: Caller, job_id: uuid.UUID) -> JobPublic:
-    return _public(_services(request), tenant.id, job_id)
+    return _public(services_of(request), tenant.id, job_id)
 
 
 @router.post("/v1/jobs/{job_id}/cancel")
 def cancel_job(request: Request, tenant: Caller, job_id: uuid.UUID) -> JobPublic:
-    services = _services(request)
+    services = services_of(request)
     with services.sessions.begin() as session:
         now = utcnow()
         jobs.cancel(session, _owned(session, tenant.id, job_id), now)
@@ -68,7 +62,7 @@ def cancel_job(request: Request, tenant: Caller, job_id: uuid.UUID) -> JobPublic
 
 @router.get("/v1/jobs/{job_id}/results")
 def get_results(request: Request, tenant: Caller, job_id: uuid.UUID) -> StreamingResponse:
-    services = _services(request)
+    services = services_of(request)
     with services.sessions() as session:
         _owned(session, tenant.id, job_id)
 
@@ -82,7 +76,7 @@ def get_results(request: Request, tenant: Caller, job_id: uuid.UUID) -> Streamin
 
 @router.get("/v1/jobs/{job_id}/errors")
 def get_errors(request: Request, tenant: Caller, job_id: uuid.UUID) -> StreamingResponse:
-    services = _services(request)
+    services = services_of(request)
     with services.sessions() as session:
         _owned(session, tenant.id, job_id)
         rows = jobs.errors(session, job_id)

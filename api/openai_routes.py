@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
 from api import openai_batches as batches
-from api.auth import current_tenant
+from api.auth import Caller, services_of
 from api.openai_chat import complete
 from api.openai_errors import ApiError, OpenAIRoute
 from api.openai_schemas import (
@@ -26,23 +26,15 @@ from api.openai_schemas import (
     FileList,
     FileObject,
 )
-from api.service import Services
-from storage.models import Tenant
 
 router = APIRouter(route_class=OpenAIRoute)
-Caller = Annotated[Tenant, Depends(current_tenant)]
 Limit = Annotated[int, Query(ge=1, le=100)]
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
 
 
 @router.post("/v1/files")
 async def create_file(request: Request, tenant: Caller) -> FileObject:
     """``multipart/form-data`` with ``file`` and ``purpose`` (``batch``)."""
-    services = _services(request)
+    services = services_of(request)
     form = await request.form(max_part_size=services.settings.max_upload_bytes)
     upload, purpose = form.get("file"), form.get("purpose")
     if not isinstance(upload, UploadFile):
@@ -64,40 +56,40 @@ async def create_file(request: Request, tenant: Caller) -> FileObject:
 def list_files(
     request: Request, tenant: Caller, purpose: str | None = None, limit: Limit = 100
 ) -> FileList:
-    return batches.list_files(_services(request), tenant.id, purpose=purpose, limit=limit)
+    return batches.list_files(services_of(request), tenant.id, purpose=purpose, limit=limit)
 
 
 @router.get("/v1/files/{file_id}")
 def get_file(request: Request, tenant: Caller, file_id: str) -> FileObject:
-    return batches.get_file(_services(request), tenant.id, file_id)
+    return batches.get_file(services_of(request), tenant.id, file_id)
 
 
 @router.get("/v1/files/{file_id}/content")
 def get_file_content(request: Request, tenant: Caller, file_id: str) -> StreamingResponse:
-    chunks = batches.file_content(_services(request), tenant.id, file_id)
+    chunks = batches.file_content(services_of(request), tenant.id, file_id)
     return StreamingResponse(chunks, media_type="application/octet-stream")
 
 
 @router.post("/v1/batches")
 def create_batch(request: Request, tenant: Caller, body: BatchCreate) -> BatchObject:
-    return batches.create_batch(_services(request), tenant.id, body)
+    return batches.create_batch(services_of(request), tenant.id, body)
 
 
 @router.get("/v1/batches")
 def list_batches(
     request: Request, tenant: Caller, after: str | None = None, limit: Limit = 20
 ) -> BatchList:
-    return batches.list_batches(_services(request), tenant.id, after=after, limit=limit)
+    return batches.list_batches(services_of(request), tenant.id, after=after, limit=limit)
 
 
 @router.get("/v1/batches/{batch_id}")
 def get_batch(request: Request, tenant: Caller, batch_id: str) -> BatchObject:
-    return batches.get_batch(_services(request), tenant.id, batch_id)
+    return batches.get_batch(services_of(request), tenant.id, batch_id)
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
 def cancel_batch(request: Request, tenant: Caller, batch_id: str) -> BatchObject:
-    return batches.cancel_batch(_services(request), tenant.id, batch_id)
+    return batches.cancel_batch(services_of(request), tenant.id, batch_id)
 
 
 @router.post("/v1/chat/completions")
@@ -106,7 +98,7 @@ async def chat_completions(
 ) -> ChatCompletion:
     """Enqueue at interactive priority and wait for the answer (no streaming yet)."""
     return await complete(
-        _services(request),
+        services_of(request),
         request.app.state.committer,
         tenant.id,
         body,

@@ -7,23 +7,16 @@ import time
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 
-from api.auth import current_tenant
+from api.auth import Caller, services_of
 from api.schemas import CreateRequest, ModelList, ModelPublic, RequestPublic
 from api.service import Services, prepare
-from storage.models import Tenant
 from storage.requests import get_for_tenant
 from tasks.queues import model_queue
 
 router = APIRouter()
-Caller = Annotated[Tenant, Depends(current_tenant)]
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
 
 
 @router.get("/healthz")
@@ -33,7 +26,7 @@ def healthz() -> dict[str, str]:
 
 @router.get("/v1/models")
 def list_models(request: Request, _: Caller) -> ModelList:
-    config = _services(request).config
+    config = services_of(request).config
     return ModelList(
         data=[
             ModelPublic(
@@ -49,7 +42,7 @@ def list_models(request: Request, _: Caller) -> ModelList:
 
 @router.post("/v1/requests", status_code=status.HTTP_202_ACCEPTED)
 def create_request(request: Request, tenant: Caller, body: CreateRequest) -> RequestPublic:
-    prepared = prepare(_services(request), tenant.id, body)
+    prepared = prepare(services_of(request), tenant.id, body)
     row, _created = request.app.state.committer.submit(prepared).result()
     return RequestPublic.of(row)
 
@@ -61,7 +54,7 @@ async def get_request(
     request_id: uuid.UUID,
     wait: Annotated[float, Query(ge=0, description="Seconds to wait for a result")] = 0,
 ) -> RequestPublic:
-    services = _services(request)
+    services = services_of(request)
     deadline = time.monotonic() + min(wait, services.settings.max_wait_s)
     pause = 0.02
     while True:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.routes import Caller
+from api.auth import Caller, services_of
 from api.service import BadRequest, Services
 from inferq.netguard import UnsafeURL, check_url
 from storage.webhooks import (
@@ -80,14 +80,9 @@ class DeliveryList(BaseModel):
     data: list[DeliveryPublic]
 
 
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
 @router.get("/v1/webhook-endpoints")
 def list_webhook_endpoints(request: Request, tenant: Caller) -> EndpointList:
-    with _services(request).sessions() as session:
+    with services_of(request).sessions() as session:
         return EndpointList(data=[EndpointPublic.of(e) for e in list_endpoints(session, tenant.id)])
 
 
@@ -96,7 +91,7 @@ def create_webhook_endpoint(
     request: Request, tenant: Caller, body: CreateEndpoint
 ) -> EndpointPublic:
     """Get or create the endpoint for a URL (re-enabling it after a 410) and show its secret."""
-    services = _services(request)
+    services = services_of(request)
     try:
         check_url(body.url, allow_private=services.settings.webhook_allow_private)
     except UnsafeURL as exc:
@@ -109,7 +104,7 @@ def create_webhook_endpoint(
 def list_webhook_deliveries(
     request: Request, tenant: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> DeliveryList:
-    with _services(request).sessions() as session:
+    with services_of(request).sessions() as session:
         rows = list_deliveries(session, tenant.id, limit=limit)
         return DeliveryList(data=[DeliveryPublic.of(row) for row in rows])
 
@@ -118,7 +113,7 @@ def list_webhook_deliveries(
 def get_webhook_delivery(
     request: Request, tenant: Caller, delivery_id: uuid.UUID
 ) -> DeliveryPublic:
-    with _services(request).sessions() as session:
+    with services_of(request).sessions() as session:
         row = get_delivery(session, tenant.id, delivery_id)
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no webhook delivery {delivery_id}")
@@ -130,7 +125,7 @@ def replay_webhook_delivery(
     request: Request, tenant: Caller, delivery_id: uuid.UUID
 ) -> DeliveryPublic:
     """Send a delivery again, same ``webhook-id``, with a fresh attempt budget."""
-    return DeliveryPublic.of(_replay(_services(request), tenant.id, delivery_id))
+    return DeliveryPublic.of(_replay(services_of(request), tenant.id, delivery_id))
 
 
 def _replay(services: Services, tenant_id: uuid.UUID, delivery_id: uuid.UUID) -> WebhookDelivery:
