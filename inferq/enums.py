@@ -28,7 +28,7 @@ class RequestStatus(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self not in (RequestStatus.QUEUED, RequestStatus.RUNNING)
+        return self not in OPEN_STATUSES
 
 
 class JobStatus(StrEnum):
@@ -38,6 +38,10 @@ class JobStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     EXPIRED = "expired"
+
+
+# Not yet finished: what a worker may still claim, and what cancelling or expiring touches.
+OPEN_STATUSES = (RequestStatus.QUEUED, RequestStatus.RUNNING)
 
 
 class Outcome(StrEnum):

@@ -13,12 +13,10 @@ from typing import Any
 
 from sqlalchemy import exists, select, update
 
-from inferq.enums import Outcome, RequestStatus
+from inferq.enums import OPEN_STATUSES, Outcome
 from storage.jobs import progress
 from storage.models import Job, Request
 from storage.webhooks import enqueue_delivery
-
-_OPEN = (RequestStatus.QUEUED, RequestStatus.RUNNING)
 
 
 def request_completed(
@@ -63,7 +61,7 @@ def close_finished_jobs(
     """Stamp jobs with nothing left to run as finished, once, and queue ``job.completed``."""
     deliveries = []
     for job_id in set(job_ids):
-        still_open = exists().where(Request.job_id == job_id, Request.status.in_(_OPEN))
+        still_open = exists().where(Request.job_id == job_id, Request.status.in_(OPEN_STATUSES))
         closed = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.finished_at.is_(None), ~still_open)

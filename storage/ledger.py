@@ -11,10 +11,8 @@ from typing import Any
 from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from inferq.enums import Outcome, RequestStatus, TaskKind
+from inferq.enums import OPEN_STATUSES, Outcome, RequestStatus, TaskKind
 from storage.models import LedgerEntry, Request
-
-_OPEN = (RequestStatus.QUEUED, RequestStatus.RUNNING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +54,7 @@ def claim(session: Session, request_ids: Sequence[uuid.UUID], at: datetime) -> s
         update(Request)
         .where(
             Request.id.in_(request_ids),
-            Request.status.in_(_OPEN),
+            Request.status.in_(OPEN_STATUSES),
             Request.deadline_at.is_not(None),
             Request.deadline_at <= at,
         )
@@ -65,7 +63,7 @@ def claim(session: Session, request_ids: Sequence[uuid.UUID], at: datetime) -> s
     )
     rows = session.execute(
         update(Request)
-        .where(Request.id.in_(request_ids), Request.status.in_(_OPEN))
+        .where(Request.id.in_(request_ids), Request.status.in_(OPEN_STATUSES))
         .values(status=RequestStatus.RUNNING, started_at=at)
         .returning(Request.id)
         .execution_options(synchronize_session=False)
@@ -83,7 +81,7 @@ def record_batch(session: Session, attempts: Sequence[Attempt]) -> list[Outcome]
     closed = set(
         session.scalars(
             select(Request.id)
-            .where(Request.id.in_(ids), Request.status.not_in(_OPEN))
+            .where(Request.id.in_(ids), Request.status.not_in(OPEN_STATUSES))
             .with_for_update()
         )
     )
@@ -109,7 +107,7 @@ _RESULT_UPDATE = (
     update(_REQUESTS)
     .where(
         _REQUESTS.c.id == bindparam("b_id"),
-        or_(*(_REQUESTS.c.status == status for status in _OPEN)),
+        or_(*(_REQUESTS.c.status == status for status in OPEN_STATUSES)),
     )
     .values(
         status=bindparam("b_status"),
