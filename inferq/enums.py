@@ -32,6 +32,7 @@ class RequestStatus(StrEnum):
 
 
 class JobStatus(StrEnum):
+    VALIDATING = "validating"
     IN_PROGRESS = "in_progress"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"

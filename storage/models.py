@@ -8,12 +8,14 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Enum,
     Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -150,6 +152,32 @@ class Request(Base):
     first_token_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     deadline_at: Mapped[datetime | None]
+    # When the message was last handed to the broker; the reconciler re-publishes past a lease.
+    published_at: Mapped[datetime | None]
+    # Times a worker claimed it; past the cap the request fails instead of running again.
+    deliveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The models still to try, in order, and why the request left the one it was routed to.
+    fallbacks: Mapped[list[str] | None] = mapped_column(JSON)
+    fallback_reason: Mapped[str | None] = mapped_column(Text)
+    first_model: Mapped[str | None] = mapped_column(String(200))
+
+
+class JobSource(Base):
+    """A job's uploaded lines, kept until every line is validated and admitted.
+
+    ``cursor`` counts the lines already turned into requests or errors, so admission resumes
+    where it stopped after a restart.
+    """
+
+    __tablename__ = "job_sources"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    format: Mapped[str] = mapped_column(String(8))
+    strict: Mapped[bool] = mapped_column(Boolean)
+    cursor: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class LedgerEntry(Base):
