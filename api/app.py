@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.admission import Admitter
 from api.auth import KeyCache
 from api.committer import GroupCommitter
 from api.job_routes import router as job_router
@@ -51,7 +52,10 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         app.state.keys = KeyCache(app.state.services.sessions)
         app.state.committer = GroupCommitter(app.state.services)
         app.state.committer.start()
+        app.state.admitter = Admitter(app.state.services)
+        app.state.admitter.start()
         yield
+        app.state.admitter.stop()
         app.state.committer.stop()
         if owned:
             app.state.services.dispose()

@@ -14,9 +14,10 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from api.auth import Caller, services_of
-from api.jobs import JobBody, JobSpec, create_job, read_jsonl
+from api.jobs import JobBody, JobSpec, as_jsonl, create_job
 from api.schemas import JobList, JobPublic, result_line
 from api.service import BadRequest, Services
+from inferq.enums import JobStatus
 from storage import jobs
 from storage.events import close_finished_jobs
 from storage.models import Job, utcnow
@@ -31,8 +32,10 @@ async def post_job(request: Request, tenant: Caller) -> JobPublic:
     """``multipart/form-data`` with ``file`` (JSONL) and ``job`` (the spec as JSON), or a
     JSON body with the spec and ``items``."""
     services = services_of(request)
-    spec, lines = await _read_upload(request, services)
-    job, _errors = await run_in_threadpool(create_job, services, tenant.id, spec, lines)
+    spec, data = await _read_upload(request, services)
+    job, _errors = await run_in_threadpool(create_job, services, tenant.id, spec, data)
+    if job.status is JobStatus.VALIDATING:
+        request.app.state.admitter.wake()
     return await run_in_threadpool(_public, services, tenant.id, job.id)
 
 
@@ -106,7 +109,7 @@ def _public(services: Services, tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobP
     return public
 
 
-async def _read_upload(request: Request, services: Services) -> tuple[JobSpec, Any]:
+async def _read_upload(request: Request, services: Services) -> tuple[JobSpec, bytes]:
     settings = services.settings
     try:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -115,12 +118,11 @@ async def _read_upload(request: Request, services: Services) -> tuple[JobSpec, A
             if not isinstance(upload, UploadFile) or not isinstance(spec_text, str):
                 raise BadRequest("multipart upload needs a 'file' part (JSONL) and a 'job' field")
             spec = JobSpec.model_validate_json(spec_text)
-            data = await upload.read()
-            return spec, read_jsonl(data, max_line_bytes=settings.max_line_bytes)
+            return spec, await upload.read()
         body = JobBody.model_validate_json(await request.body())
     except ValidationError as exc:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, exc.errors(include_url=False)
         ) from exc
     spec = JobSpec.model_validate(body.model_dump(exclude={"items"}))
-    return spec, enumerate(body.items, start=1)
+    return spec, as_jsonl(body.items)

@@ -4,7 +4,7 @@ A line is a JSON object: ``{"id": ..., "input": {...}}``, or flat, its fields na
 task kind's input (``{"id": "p1", "text": "..."}``; other fields are ignored). The job's
 shared ``input`` (a schema, labels) is merged under each item's own. Bad lines are reported
 with their line number and the rest runs; ``strict`` refuses the whole job instead, and a job
-with no valid line is refused. Nothing is written unless the job is accepted.
+with no valid line is refused (or, for a large upload checked in the background, fails).
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ from api.service import (
     prepare_many,
     submit_job,
 )
-from inferq.enums import Priority, TaskKind
-from storage.models import Job, JobError
+from inferq.enums import JobStatus, Priority, TaskKind
+from storage.models import Job, JobError, JobSource
 from tasks.templates import INPUT_MODELS, SamplingIn
 
 MAX_REPORTED_ERRORS = 20
+NATIVE = "native"  # job_sources.format of a native upload
 
 
 class JobSpec(BaseModel):
@@ -57,35 +58,51 @@ class LineError:
     message: str
 
 
-def read_jsonl(data: bytes, *, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
-    """Number the non-blank lines of a JSONL upload; a line that is not JSON becomes an error."""
-    for number, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        if len(raw) > max_line_bytes:
-            yield (
-                number,
-                LineError(number, None, f"line is {len(raw)} bytes; the limit is {max_line_bytes}"),
-            )
-            continue
-        try:
-            yield number, json.loads(raw)
-        except ValueError as exc:
-            yield number, LineError(number, None, f"not valid JSON: {exc}")
+def numbered_lines(data: bytes) -> list[tuple[int, bytes]]:
+    """The non-blank lines of a JSONL upload with their line numbers (counting from 1)."""
+    return [(number, raw) for number, raw in enumerate(data.splitlines(), start=1) if raw.strip()]
+
+
+def parse_line(number: int, raw: bytes, *, max_line_bytes: int) -> Any:
+    """One line's JSON value, or the :class:`LineError` that refuses it."""
+    if len(raw) > max_line_bytes:
+        return LineError(number, None, f"line is {len(raw)} bytes; the limit is {max_line_bytes}")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        return LineError(number, None, f"not valid JSON: {exc}")
+
+
+def read_jsonl(
+    lines: Iterable[tuple[int, bytes]], *, max_line_bytes: int
+) -> Iterator[tuple[int, Any]]:
+    """Parse numbered lines; a line that is not JSON or is too long becomes a LineError."""
+    for number, raw in lines:
+        yield number, parse_line(number, raw, max_line_bytes=max_line_bytes)
+
+
+def as_jsonl(items: list[Any]) -> bytes:
+    """A JSON list of items as JSONL, so both upload forms are stored and numbered alike."""
+    return b"".join(json.dumps(item, ensure_ascii=False).encode() + b"\n" for item in items)
 
 
 def create_job(
-    services: Services, tenant_id: uuid.UUID, spec: JobSpec, lines: Iterable[tuple[int, Any]]
+    services: Services, tenant_id: uuid.UUID, spec: JobSpec, data: bytes
 ) -> tuple[Job, list[LineError]]:
-    """Validate every line, then write the job, its requests and its errors in one commit."""
+    """Accept a job's JSONL upload.
+
+    Up to ``settings.inline_job_lines`` lines are validated now: the job, its requests and its
+    refused lines are written in one commit (a strict refusal writes nothing). A longer upload
+    is stored as it is and admitted in the background (``api.admission``), its job
+    ``validating`` until every line is checked.
+    """
+    settings = services.settings
     if spec.webhook_url is not None:
-        check_webhook_url(services.settings, spec.webhook_url)
-    prepared, errors = _prepare_lines(services, tenant_id, spec, lines)
-    if errors and (spec.strict or not prepared):
-        listed = "; ".join(f"line {e.line}: {e.message}" for e in errors[:MAX_REPORTED_ERRORS])
-        why = "strict job refused" if spec.strict else "no valid line"
-        raise BadRequest(f"{why}: {len(errors)} bad line(s): {listed}")
-    if not prepared:
+        check_webhook_url(settings, spec.webhook_url)
+    lines = numbered_lines(data)
+    if len(lines) > settings.max_job_lines:
+        raise BadRequest(f"the job has {len(lines)} lines; the limit is {settings.max_job_lines}")
+    if not lines:
         raise BadRequest("the job has no items")
     job = Job(
         id=uuid.uuid4(),
@@ -93,10 +110,23 @@ def create_job(
         task=spec.task,
         model=spec.model,
         shared={"input": spec.input, "params": spec.params.model_dump(exclude_none=True)},
-        total=len(prepared),
-        invalid=len(errors),
         webhook_url=spec.webhook_url,
     )
+    if len(lines) > settings.inline_job_lines:
+        job.status = JobStatus.VALIDATING
+        source = JobSource(job_id=job.id, content=data, format=NATIVE, strict=spec.strict)
+        with services.sessions.begin() as session:
+            session.add(job)
+            session.flush()
+            session.add(source)
+        return job, []
+    parsed = read_jsonl(lines, max_line_bytes=settings.max_line_bytes)
+    prepared, errors = check_lines(services, tenant_id, spec, parsed, {})
+    if errors and (spec.strict or not prepared):
+        listed = "; ".join(f"line {e.line}: {e.message}" for e in errors[:MAX_REPORTED_ERRORS])
+        why = "strict job refused" if spec.strict else "no valid line"
+        raise BadRequest(f"{why}: {len(errors)} bad line(s): {listed}")
+    job.total, job.invalid = len(prepared), len(errors)
     rows = [
         JobError(job_id=job.id, line=e.line, item_id=e.item_id, message=e.message) for e in errors
     ]
@@ -104,18 +134,32 @@ def create_job(
     return job, errors
 
 
-def _prepare_lines(
-    services: Services, tenant_id: uuid.UUID, spec: JobSpec, lines: Iterable[tuple[int, Any]]
+def spec_of(job: Job, *, strict: bool) -> JobSpec:
+    """The spec a job was submitted with, from what its row keeps."""
+    shared = job.shared or {}
+    return JobSpec(
+        task=job.task,
+        input=shared.get("input", {}),
+        params=SamplingIn.model_validate(shared.get("params", {})),
+        model=job.model,
+        strict=strict,
+        webhook_url=job.webhook_url,
+    )
+
+
+def check_lines(
+    services: Services,
+    tenant_id: uuid.UUID,
+    spec: JobSpec,
+    lines: Iterable[tuple[int, Any]],
+    first_seen: dict[str, int],
 ) -> tuple[list[Prepared], list[LineError]]:
+    """Check parsed lines; ``first_seen`` maps item ids to their first line across chunks."""
     fields = {f.alias or name for name, f in INPUT_MODELS[spec.task].model_fields.items()}
-    limit = services.settings.max_job_lines
     prepared: list[Prepared] = []
     errors: list[LineError] = []
-    first_seen: dict[str, int] = {}
     staged: list[tuple[int, str | None, CreateRequest]] = []
     for number, item in lines:
-        if len(staged) + len(errors) >= limit:
-            raise BadRequest(f"the job has more than {limit} lines")
         if isinstance(item, LineError):
             errors.append(item)
             continue

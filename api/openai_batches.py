@@ -1,9 +1,10 @@
 """The OpenAI Batch API over native jobs: files in, a job per batch, files out on demand.
 
 A batch's status is read from its job's progress each time it is read: past the completion
-window, what has not started expires first (``storage.jobs.expire_overdue``). Validation is
-done before the batch is answered, so ``validating`` is never seen, and output files are
-written on demand, so ``completed`` follows ``in_progress`` without a ``finalizing`` wait.
+window, what has not started expires first (``storage.jobs.expire_overdue``). A small file is
+validated before the batch is answered; a large one is answered ``validating`` and admitted
+in the background (``api.admission``), ``in_progress`` from its first admitted line. Output
+files are written on demand, so ``completed`` follows ``in_progress`` without a ``finalizing`` wait.
 Output and error files get ids derived from their batch (``file-<hex>-output``,
 ``file-<hex>-errors``) and exist once the batch has ended.
 """
@@ -19,9 +20,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.jobs import LineError
+from api.jobs import LineError, numbered_lines
 from api.openai_errors import ApiError
-from api.openai_lines import CHAT_URL, error_lines, output_line, prepare_lines
+from api.openai_lines import CHAT_URL, OPENAI, error_lines, output_line, prepare_lines
 from api.openai_schemas import (
     BatchCreate,
     BatchErrorItem,
@@ -38,7 +39,7 @@ from api.service import Services, submit_job
 from inferq.enums import JobStatus, RequestStatus, TaskKind
 from storage import jobs
 from storage import openai_files as store
-from storage.models import Job, JobError, utcnow
+from storage.models import Job, JobError, JobSource, utcnow
 
 WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -46,6 +47,7 @@ MAX_WINDOW = timedelta(days=7)
 MAX_LISTED_ERRORS = 1000
 GENERATED = re.compile(r"^file-([0-9a-f]{32})-(output|errors)$")
 STATUSES: dict[JobStatus, BatchStatus] = {
+    JobStatus.VALIDATING: "in_progress",  # lines admitted so far are running
     JobStatus.IN_PROGRESS: "in_progress",
     JobStatus.CANCELLING: "cancelling",
     JobStatus.CANCELLED: "cancelled",
@@ -56,6 +58,7 @@ STATUSES: dict[JobStatus, BatchStatus] = {
 ENDED = ("completed", "expired", "cancelled")
 ENDED_WITHOUT_OUTPUT = (RequestStatus.FAILED, RequestStatus.EXPIRED, RequestStatus.CANCELLED)
 STAMPS = {
+    "in_progress": ("in_progress_at",),
     "completed": ("finalizing_at", "completed_at"),
     "expired": ("expired_at",),
     "cancelling": ("cancelling_at",),
@@ -206,8 +209,11 @@ def create_batch(services: Services, tenant_id: uuid.UUID, body: BatchCreate) ->
         if upload is None or upload.purpose != "batch":
             raise ApiError(400, f"no batch file {body.input_file_id!r}", param="input_file_id")
         data = upload.content
-    prepared, errors = prepare_lines(services, tenant_id, data)
     now = utcnow()
+    lines = numbered_lines(data)
+    if len(lines) > services.settings.inline_job_lines:
+        return _create_validating(services, tenant_id, body, data, lines=len(lines), now=now)
+    prepared, errors = prepare_lines(services, tenant_id, data)
     batch = store.Batch(
         id=store.new_batch_id(),
         tenant_id=tenant_id,
@@ -219,7 +225,7 @@ def create_batch(services: Services, tenant_id: uuid.UUID, body: BatchCreate) ->
         expires_at=now + window,
     )
     if not prepared:
-        batch.status, batch.failed_at, batch.errors = "failed", now, _refusals(errors)
+        batch.status, batch.failed_at, batch.errors = "failed", now, refusals(errors)
         with services.sessions.begin() as session:
             session.add(batch)
         return get_batch(services, tenant_id, batch.id)
@@ -240,6 +246,49 @@ def create_batch(services: Services, tenant_id: uuid.UUID, body: BatchCreate) ->
         JobError(job_id=job.id, line=e.line, item_id=e.item_id, message=e.message) for e in errors
     ]
     submit_job(services, prepared, job=job, extra=[*refused, batch], deadline_at=batch.expires_at)
+    return get_batch(services, tenant_id, batch.id)
+
+
+def _create_validating(
+    services: Services,
+    tenant_id: uuid.UUID,
+    body: BatchCreate,
+    data: bytes,
+    *,
+    lines: int,
+    now: datetime,
+) -> BatchObject:
+    """A large file: store it and answer ``validating``; ``api.admission`` checks and runs it."""
+    if lines > services.settings.max_job_lines:
+        limit = services.settings.max_job_lines
+        raise ApiError(400, f"the input file has {lines} lines; the limit is {limit}")
+    expires_at = now + parse_window(body.completion_window)
+    job = Job(
+        id=uuid.uuid4(),
+        tenant_id=tenant_id,
+        task=TaskKind.CHAT,
+        status=JobStatus.VALIDATING,
+        created_at=now,
+        deadline_at=expires_at,
+    )
+    batch = store.Batch(
+        id=store.new_batch_id(),
+        tenant_id=tenant_id,
+        job_id=job.id,
+        input_file_id=body.input_file_id,
+        endpoint=body.endpoint,
+        completion_window=body.completion_window,
+        meta=body.metadata,
+        created_at=now,
+        expires_at=expires_at,
+    )
+    job.shared = {"openai_batch": batch.id}
+    with services.sessions.begin() as session:
+        session.add(job)
+        session.flush()
+        session.add_all(
+            [JobSource(job_id=job.id, content=data, format=OPENAI, strict=False), batch]
+        )
     return get_batch(services, tenant_id, batch.id)
 
 
@@ -268,7 +317,7 @@ def cancel_batch(services: Services, tenant_id: uuid.UUID, batch_id: str) -> Bat
         current = _public(session, batch, now)
         if current.status in ("completed", "failed", "expired"):
             raise ApiError(400, f"batch {batch_id} is {current.status}; it cannot be cancelled")
-        if current.status == "in_progress":
+        if current.status in ("validating", "in_progress"):
             job = session.get(Job, batch.job_id)
             assert job is not None
             jobs.cancel(session, job, now)
@@ -284,13 +333,15 @@ def _owned_batch(session: Session, tenant_id: uuid.UUID, batch_id: str) -> store
 
 def _public(session: Session, batch: store.Batch, now: datetime) -> BatchObject:
     """The batch as the API shows it, recording when each status was first seen."""
-    if batch.job_id is None:
+    if batch.job_id is None or batch.status == "failed":
         return _failed_public(batch)
     job = session.get(Job, batch.job_id)
     assert job is not None
     jobs.expire_overdue(session, job, now)
     progress = jobs.progress(session, job)
     status = STATUSES[progress.status]
+    if progress.status is JobStatus.VALIDATING and not job.total:
+        status = "validating"  # no line admitted yet
     for stamp in STAMPS.get(status, ()):
         if getattr(batch, stamp) is None:
             setattr(batch, stamp, now)
@@ -345,7 +396,7 @@ def _common(batch: store.Batch) -> dict[str, Any]:
     }
 
 
-def _refusals(errors: list[LineError]) -> dict[str, Any]:
+def refusals(errors: list[LineError]) -> dict[str, Any]:
     """Why a batch failed outright, line by line (the first ``MAX_LISTED_ERRORS`` lines)."""
     data: list[dict[str, Any]]
     if not errors:

@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pydantic import ValidationError
 
-from api.jobs import LineError, read_jsonl
+from api.jobs import LineError, numbered_lines, read_jsonl
 from api.openai_schemas import ChatCompletion, ChatCompletionBody, describe
 from api.service import BadRequest, Prepared, Services, prepare
 from inferq.enums import Priority, RequestStatus
 from storage.models import JobError, Request
 
 CHAT_URL = "/v1/chat/completions"
+OPENAI = "openai"  # job_sources.format of a Batch API input file
 MAX_CUSTOM_ID = 200  # the width of requests.item_id
 ERROR_CODES = {
     RequestStatus.EXPIRED: "batch_expired",
@@ -45,12 +46,23 @@ def prepare_lines(
         BadRequest: the file has more lines than a job may hold.
     """
     settings = services.settings
+    lines = numbered_lines(data)
+    if len(lines) > settings.max_job_lines:
+        raise BadRequest(f"the input file has more than {settings.max_job_lines} lines")
+    parsed = read_jsonl(lines, max_line_bytes=settings.max_line_bytes)
+    return check_lines(services, tenant_id, parsed, {})
+
+
+def check_lines(
+    services: Services,
+    tenant_id: uuid.UUID,
+    lines: Iterable[tuple[int, Any]],
+    first_seen: dict[str, int],
+) -> tuple[list[Prepared], list[LineError]]:
+    """Check parsed lines; ``first_seen`` maps custom ids to their first line across chunks."""
     prepared: list[Prepared] = []
     errors: list[LineError] = []
-    first_seen: dict[str, int] = {}
-    for number, item in read_jsonl(data, max_line_bytes=settings.max_line_bytes):
-        if len(prepared) + len(errors) >= settings.max_job_lines:
-            raise BadRequest(f"the input file has more than {settings.max_job_lines} lines")
+    for number, item in lines:
         if isinstance(item, LineError):
             errors.append(item)
             continue

@@ -65,6 +65,10 @@ class Prepared:
     line: int | None = None
 
 
+# A committed request to publish: its id, its job (if any) and what was prepared for it.
+Fresh = tuple[uuid.UUID, uuid.UUID | None, Prepared]
+
+
 def prepare(services: Services, tenant_id: uuid.UUID, body: CreateRequest) -> Prepared:
     """Every check a request must pass before anything is written."""
     [result] = prepare_many(services, tenant_id, [body])
@@ -167,7 +171,7 @@ def submit_many(services: Services, prepared: Sequence[Prepared]) -> list[tuple[
             session.flush()
         except IntegrityError as exc:  # a concurrent submit with the same idempotency key
             raise BadRequest("idempotency_key is already in use by a request in flight") from exc
-    _publish(services, fresh)
+    publish_requests(services, fresh)
     return results
 
 
@@ -179,21 +183,28 @@ def submit_job(
     extra: Sequence[Base] = (),
     deadline_at: datetime | None = None,
 ) -> None:
-    """Insert a job, its rows and its requests in one transaction, commit, then publish.
-
-    Bulk path: plain multi-row INSERTs rather than ORM objects, published in bundles.
-    """
-    now = utcnow()
-    rows = [_row(item, now, job_id=job.id, deadline_at=deadline_at) for item in prepared]
+    """Insert a job, its rows and its requests in one transaction, commit, then publish."""
     with services.sessions.begin() as session:
         session.add(job)
         session.add_all(extra)
         session.flush()
-        for start in range(0, len(rows), INSERT_CHUNK):
-            session.execute(insert(Request.__table__), rows[start : start + INSERT_CHUNK])
-    _publish(
-        services, [(row["id"], job.id, item) for row, item in zip(rows, prepared, strict=True)]
-    )
+        fresh = insert_job_requests(session, prepared, job_id=job.id, deadline_at=deadline_at)
+    publish_requests(services, fresh)
+
+
+def insert_job_requests(
+    session: Session,
+    prepared: Sequence[Prepared],
+    *,
+    job_id: uuid.UUID,
+    deadline_at: datetime | None,
+) -> list[Fresh]:
+    """The bulk path: plain multi-row INSERTs rather than ORM objects. Publish after commit."""
+    now = utcnow()
+    rows = [_row(item, now, job_id=job_id, deadline_at=deadline_at) for item in prepared]
+    for start in range(0, len(rows), INSERT_CHUNK):
+        session.execute(insert(Request.__table__), rows[start : start + INSERT_CHUNK])
+    return [(row["id"], job_id, item) for row, item in zip(rows, prepared, strict=True)]
 
 
 INSERT_CHUNK = 5000
@@ -219,13 +230,14 @@ def _row(
         "attempts": 0,
         "created_at": now,
         "queued_at": now,
+        "published_at": now,
         "deadline_at": deadline_at,
     }
 
 
-def _publish(
-    services: Services, fresh: Sequence[tuple[uuid.UUID, uuid.UUID | None, Prepared]]
-) -> None:
+def publish_requests(services: Services, fresh: Sequence[Fresh]) -> None:
+    """Publish committed requests in bundles per model; a failure leaves them to the
+    reconciler, which re-publishes what sits queued past its lease."""
     committed_at = time.time()
     by_model: dict[str, list[RunMessage]] = {}
     for request_id, job_id, item in fresh:

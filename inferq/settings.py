@@ -57,6 +57,14 @@ class Settings(BaseSettings):
     max_job_lines: int = 200_000
     max_line_bytes: int = 100_000
     max_upload_bytes: int = 200_000_000
+    # Uploads up to this many lines are validated before the answer (a strict refusal is a
+    # 4xx); longer ones are answered ``validating`` at once and admitted in the background,
+    # a small first chunk first, then ``admission_chunk_lines`` at a time, pausing while a
+    # job has ``admission_max_open`` requests waiting so one job never floods a queue.
+    inline_job_lines: int = 2000
+    admission_first_chunk: int = 200
+    admission_chunk_lines: int = 2000
+    admission_max_open: int = 5000
     # Webhooks: delivery attempts before giving up, per-attempt timeout, and whether URLs
     # may point at loopback/private addresses (tests and closed networks only).
     webhook_max_attempts: int = 8

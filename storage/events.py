@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import exists, select, update
 
-from inferq.enums import OPEN_STATUSES, Outcome
+from inferq.enums import OPEN_STATUSES, JobStatus, Outcome
 from storage.jobs import progress
 from storage.models import Job, Request
 from storage.webhooks import enqueue_delivery
@@ -64,7 +64,12 @@ def close_finished_jobs(
         still_open = exists().where(Request.job_id == job_id, Request.status.in_(OPEN_STATUSES))
         closed = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.finished_at.is_(None), ~still_open)
+            .where(
+                Job.id == job_id,
+                Job.finished_at.is_(None),
+                Job.status != JobStatus.VALIDATING,
+                ~still_open,
+            )
             .values(finished_at=at)
             .returning(Job.id)
             .execution_options(synchronize_session=False)

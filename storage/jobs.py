@@ -49,6 +49,8 @@ def progress(session: Session, job: Job) -> Progress:
     open_ = counts.get(RequestStatus.QUEUED, 0) + running
     if job.cancelled_at is not None:
         status = JobStatus.CANCELLING if running else JobStatus.CANCELLED
+    elif job.status in (JobStatus.VALIDATING, JobStatus.FAILED):
+        status = job.status  # lines still being admitted, or none of them was valid
     elif not open_ and counts.get(RequestStatus.EXPIRED):
         status = JobStatus.EXPIRED
     else:
