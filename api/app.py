@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.admission import Admitter
 from api.auth import KeyCache
 from api.committer import GroupCommitter
 from api.job_routes import router as job_router
+from api.limits import Limits, TooBusy
+from api.metrics import install_metrics
+from api.openai_errors import error_response
 from api.openai_routes import router as openai_router
 from api.routes import router
+from api.schemas import ERRORS
 from api.service import BadRequest, Services
 from api.webhooks import router as webhooks_router
 from inferq.models import PromptMeter, resolve_model_path
 from inferq.settings import Settings
 from router import load_config
+from router.health import ModelHealth
 from storage.db import make_engine, make_sessionmaker
 from tasks.app import create_celery
+from workers.reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 5
 
 
 def build_services(settings: Settings) -> Services:
@@ -32,12 +43,15 @@ def build_services(settings: Settings) -> Services:
         name: PromptMeter(resolve_model_path(spec.path, settings))
         for name, spec in config.models.items()
     }
+    sessions = make_sessionmaker(make_engine(settings.database_url))
     return Services(
         settings=settings,
         config=config,
-        sessions=make_sessionmaker(make_engine(settings.database_url)),
+        sessions=sessions,
         celery=create_celery(settings, config),
         meters=meters,
+        limits=Limits.create(settings, sessions),
+        health=ModelHealth.create(settings, config.breaker),
     )
 
 
@@ -54,7 +68,10 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         app.state.committer.start()
         app.state.admitter = Admitter(app.state.services)
         app.state.admitter.start()
+        reconciler = _reconciler(app.state.services)
         yield
+        if reconciler is not None:
+            reconciler.stop()
         app.state.admitter.stop()
         app.state.committer.stop()
         if owned:
@@ -67,11 +84,42 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         max_upload_bytes=settings.max_upload_bytes,
     )
     app.exception_handler(BadRequest)(_bad_request)
-    app.include_router(router)
-    app.include_router(job_router)
-    app.include_router(webhooks_router)
+    app.exception_handler(TooBusy)(_too_busy)
+    app.exception_handler(OperationalError)(_database_down)
+    app.exception_handler(InterfaceError)(_database_down)
+    app.include_router(router, responses=ERRORS)
+    app.include_router(job_router, responses=ERRORS)
+    app.include_router(webhooks_router, responses=ERRORS)
     app.include_router(openai_router)
+    install_metrics(app)
     return app
+
+
+def _reconciler(services: Services) -> Reconciler | None:
+    if not services.settings.reconciler:
+        return None
+    reconciler = Reconciler(services.settings, services.config, services.sessions, services.celery)
+    reconciler.start()
+    return reconciler
+
+
+async def _too_busy(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TooBusy)
+    return JSONResponse(
+        {"detail": str(exc)},
+        status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+        headers={"Retry-After": str(exc.retry_after)},
+    )
+
+
+async def _database_down(_: Request, exc: Exception) -> JSONResponse:
+    """Postgres is unreachable: nothing was accepted; the client should retry shortly."""
+    log.warning("database unavailable: %s", exc)
+    return JSONResponse(
+        {"detail": "the database is unavailable; nothing was accepted, retry shortly"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 async def _bad_request(_: Request, exc: Exception) -> JSONResponse:
@@ -79,10 +127,12 @@ async def _bad_request(_: Request, exc: Exception) -> JSONResponse:
 
 
 UPLOAD_PATHS = ("/v1/jobs", "/v1/files")
+OPENAI_PATHS = ("/v1/files", "/v1/batches", "/v1/chat/")
 
 
 class BodyLimit:
-    """Refuse a body over the limit by its Content-Length, before reading it (pure ASGI)."""
+    """Refuse a body over the limit (pure ASGI): by its Content-Length before reading it, and
+    by counting what arrives, so a body without one (chunked) is not read past the limit."""
 
     def __init__(self, app: ASGIApp, *, max_bytes: int, max_upload_bytes: int) -> None:
         self.app = app
@@ -90,16 +140,55 @@ class BodyLimit:
         self.max_upload_bytes = max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            upload = scope["path"].startswith(UPLOAD_PATHS)
-            limit = self.max_upload_bytes if upload else self.max_bytes
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > limit:
-                detail = f"request body is {int(length)} bytes; the limit is {limit}"
-                response = JSONResponse(
-                    {"detail": detail},
-                    status_code=status.HTTP_413_CONTENT_TOO_LARGE,
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        upload = scope["path"].startswith(UPLOAD_PATHS)
+        limit = self.max_upload_bytes if upload else self.max_bytes
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            detail = f"request body is {int(length)} bytes; the limit is {limit}"
+            await _too_large(scope, detail)(scope, receive, send)
+            return
+        await _CountedBody(self.app, limit)(scope, receive, send)
+
+
+class _CountedBody:
+    """One request whose body is counted as it arrives. Past the limit the client is answered
+    413, the app reads a disconnect, and whatever the app answers after that is dropped."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+        self.received, self.refused, self.started = 0, False, False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def counting_receive() -> Message:
+            if self.refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                self.received += len(message.get("body", b""))
+                if self.received > self.limit:
+                    self.refused = True
+                    if not self.started:
+                        detail = f"request body is over the limit of {self.limit} bytes"
+                        await _too_large(scope, detail)(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not self.refused:
+                self.started = True
+                await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not self.refused:  # the app failed on the disconnect it was handed
+                raise
+
+
+def _too_large(scope: Scope, detail: str) -> JSONResponse:
+    if scope["path"].startswith(OPENAI_PATHS):
+        return error_response(413, detail, code="request_too_large")
+    return JSONResponse({"detail": detail}, status_code=status.HTTP_413_CONTENT_TOO_LARGE)

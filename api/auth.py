@@ -1,7 +1,9 @@
 """API keys: ``Authorization: Bearer KEY``, as the OpenAI client sends it.
 
 Resolved keys are cached for a short while per process, so a busy client costs no database
-round trip per call; a revoked key stops working within ``CACHE_TTL_S``.
+round trip per call; a revoked key stops working within ``CACHE_TTL_S``. Both the cache and
+the database are keyed by the key's SHA-256 digest, never the key: see
+:func:`storage.tenants.tenant_for_key` for why lookup by digest leaks nothing through timing.
 """
 
 from __future__ import annotations

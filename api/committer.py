@@ -40,6 +40,13 @@ class GroupCommitter:
         self._thread.join(30)
 
     def submit(self, prepared: Prepared) -> Future[Submitted]:
+        """Queue one request for the next group commit.
+
+        Raises:
+            TooBusy: a limit is reached (api.limits); nothing was queued.
+        """
+        if self._services.limits is not None:
+            self._services.limits.admit([prepared])
         pending = _Pending(prepared)
         self._queue.put(pending)
         return pending.future

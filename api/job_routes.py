@@ -122,7 +122,8 @@ async def _read_upload(request: Request, services: Services) -> tuple[JobSpec, b
         body = JobBody.model_validate_json(await request.body())
     except ValidationError as exc:
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, exc.errors(include_url=False)
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            exc.errors(include_url=False, include_input=False, include_context=False),
         ) from exc
     spec = JobSpec.model_validate(body.model_dump(exclude={"items"}))
     return spec, as_jsonl(body.items)

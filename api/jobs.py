@@ -126,6 +126,8 @@ def create_job(
         listed = "; ".join(f"line {e.line}: {e.message}" for e in errors[:MAX_REPORTED_ERRORS])
         why = "strict job refused" if spec.strict else "no valid line"
         raise BadRequest(f"{why}: {len(errors)} bad line(s): {listed}")
+    if services.limits is not None:
+        services.limits.admit(prepared)
     job.total, job.invalid = len(prepared), len(errors)
     rows = [
         JobError(job_id=job.id, line=e.line, item_id=e.item_id, message=e.message) for e in errors

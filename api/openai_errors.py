@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-from fastapi import HTTPException, Request, Response
+from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException  # FastAPI raises it for unreadable bodies
 
+from api.limits import TooBusy
 from api.openai_schemas import describe
 from api.service import BadRequest
 
@@ -38,6 +40,8 @@ def error_response(
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     kind = "server_error" if status >= 500 else "invalid_request_error"
+    if status == 429:
+        kind = "rate_limit_error"
     if status == 401:
         code = code or "invalid_api_key"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -57,6 +61,13 @@ class OpenAIRoute(APIRoute):
                 return error_response(exc.status, exc.message, code=exc.code, param=exc.param)
             except BadRequest as exc:
                 return error_response(400, str(exc), code="invalid_request")
+            except TooBusy as exc:
+                return error_response(
+                    429,
+                    str(exc),
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(exc.retry_after)},
+                )
             except RequestValidationError as exc:
                 return error_response(
                     400, describe(exc.errors(), prefix=""), code="invalid_request"

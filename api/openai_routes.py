@@ -6,7 +6,7 @@ returns its shape; errors come back in the OpenAI shape (:class:`api.openai_erro
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -18,16 +18,18 @@ from api.auth import Caller, services_of
 from api.openai_chat import complete
 from api.openai_errors import ApiError, OpenAIRoute
 from api.openai_schemas import (
+    ERRORS,
     BatchCreate,
     BatchList,
     BatchObject,
     ChatCompletion,
     ChatCompletionBody,
+    ErrorBody,
     FileList,
     FileObject,
 )
 
-router = APIRouter(route_class=OpenAIRoute)
+router = APIRouter(route_class=OpenAIRoute, responses=ERRORS)
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
@@ -92,7 +94,13 @@ def cancel_batch(request: Request, tenant: Caller, batch_id: str) -> BatchObject
     return batches.cancel_batch(services_of(request), tenant.id, batch_id)
 
 
-@router.post("/v1/chat/completions")
+CHAT_ERRORS: dict[int | str, dict[str, Any]] = {
+    500: {"model": ErrorBody, "description": "The request ran and failed (after retries)."},
+    504: {"model": ErrorBody, "description": "No result in time; the request keeps running."},
+}
+
+
+@router.post("/v1/chat/completions", responses=CHAT_ERRORS)
 async def chat_completions(
     request: Request, tenant: Caller, body: ChatCompletionBody
 ) -> ChatCompletion:

@@ -35,6 +35,30 @@ def describe(errors: Iterable[Any], *, prefix: str) -> str:
     return "; ".join(parts)
 
 
+# Errors, in the OpenAI API's shape (see api.openai_errors).
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# Every client error of this surface has the OpenAI shape; FastAPI's 422 is answered as 400.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {
+        "model": ErrorBody,
+        "description": "400 invalid input (``param`` names the field), 401 no or a bad key, "
+        "404 not found (another tenant's id reads as absent), 413 over the size limit.",
+    },
+}
+
+
 # Requests: a chat completion body, in a batch line or posted directly.
 
 

@@ -14,6 +14,34 @@ from storage.models import Job, Request, as_utc
 from tasks.templates import SamplingIn
 
 
+class ValidationIssue(BaseModel):
+    """One of FastAPI's validation errors: where (``loc``), what (``msg``) and its kind."""
+
+    model_config = ConfigDict(extra="allow")
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """The native API's error body: a sentence naming the field, or a list of issues."""
+
+    detail: str | list[ValidationIssue]
+
+
+# The error answers every native route may give, documented once for the OpenAPI spec.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "The body could not be read (not UTF-8 JSON)."},
+    401: {"model": Problem, "description": "No API key, or not a valid one."},
+    404: {"model": Problem, "description": "Not found; another tenant's id reads as absent."},
+    413: {"model": Problem, "description": "The body is over the size limit."},
+    422: {"model": Problem, "description": "Invalid input; the message names the field."},
+    429: {"model": Problem, "description": "Too busy; retry after ``Retry-After`` seconds."},
+    503: {"model": Problem, "description": "The database is unavailable; nothing was accepted."},
+}
+
+
 class CreateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -52,6 +80,9 @@ class RequestPublic(BaseModel):
     attempts: int
     created_at: datetime
     finished_at: datetime | None = None
+    # The model the request was routed to first, and why it moved down the route's chain.
+    first_model: str | None = None
+    fallback_reason: str | None = None
 
     @classmethod
     def of(cls, row: Request) -> RequestPublic:
@@ -80,6 +111,8 @@ class RequestPublic(BaseModel):
             attempts=row.attempts,
             created_at=row.created_at,
             finished_at=row.finished_at,
+            first_model=row.first_model,
+            fallback_reason=row.fallback_reason,
         )
 
 

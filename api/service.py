@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -19,13 +19,16 @@ from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.limits import Limits
 from api.schemas import CreateRequest
 from inferq.enums import RequestStatus
 from inferq.models import PromptMeter
 from inferq.netguard import UnsafeURL, check_url
 from inferq.settings import Settings
-from router import RouterConfig, RoutingError, route
+from router import Route, RouterConfig, RoutingError, route, skip_unavailable
+from router.health import ModelHealth
 from storage.models import Base, Job, Request, utcnow
+from storage.reconcile import forget_publish
 from storage.requests import find_by_idempotency_key
 from tasks.app import InferqCelery, publish
 from tasks.contract import EngineRequest, RunMessage
@@ -48,10 +51,15 @@ class Services:
     sessions: sessionmaker[Session]
     celery: InferqCelery
     meters: dict[str, PromptMeter]
+    # Cooled-down models and queue depths, for moving down a route's chain at submit.
+    health: ModelHealth | None = None
+    limits: Limits | None = None  # backpressure; None admits everything
 
     def dispose(self) -> None:
         """Close the database pool (the broker pool closes with the Celery app)."""
         self.sessions.kw["bind"].dispose()
+        if self.health is not None:
+            self.health.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +71,8 @@ class Prepared:
     engine_request: EngineRequest
     item_id: str | None = None  # within a job: the caller's id and line
     line: int | None = None
+    route: Route | None = None  # the chain still to try, and why it left earlier models
+    prompt_tokens: int = 0
 
 
 # A committed request to publish: its id, its job (if any) and what was prepared for it.
@@ -84,7 +94,8 @@ def prepare_many(
 
     Prompt tokens are counted a model at a time, in one tokenizer call.
     """
-    staged = [_stage(services, tenant_id, body) for body in bodies]
+    why_not = services.health.checker() if services.health is not None else _available
+    staged = [_stage(services, tenant_id, body, why_not) for body in bodies]
     by_model: dict[str, list[int]] = {}
     for index, item in enumerate(staged):
         if isinstance(item, Prepared):
@@ -101,7 +112,16 @@ def _prepared(item: Prepared | BadRequest) -> Prepared:
     return item
 
 
-def _stage(services: Services, tenant_id: uuid.UUID, body: CreateRequest) -> Prepared | BadRequest:
+def _available(_: Route) -> str | None:
+    return None
+
+
+def _stage(
+    services: Services,
+    tenant_id: uuid.UUID,
+    body: CreateRequest,
+    why_not: Callable[[Route], str | None],
+) -> Prepared | BadRequest:
     try:
         engine_request = render(body.task, body.input, body.params)
     except ValidationError as exc:
@@ -118,19 +138,25 @@ def _stage(services: Services, tenant_id: uuid.UUID, body: CreateRequest) -> Pre
         )
     except RoutingError as exc:
         return BadRequest(str(exc))
+    chosen = skip_unavailable(chosen, why_not)
     spec = services.config.models[chosen.model]
     limit = min(services.settings.max_output_tokens, spec.max_model_len - 1)
+    if body.params.max_tokens is None:  # the task kind's default, not asked for: fit it
+        engine_request.max_tokens = min(engine_request.max_tokens, limit)
     if not 1 <= engine_request.max_tokens <= limit:
         return BadRequest(f"params.max_tokens must be between 1 and {limit} for {chosen.model}")
+    if engine_request.n > services.settings.max_n:
+        return BadRequest(f"input.n must be at most {services.settings.max_n}")
     if body.webhook_url is not None:
         try:
             check_webhook_url(services.settings, body.webhook_url)
         except BadRequest as exc:
             return exc
-    return Prepared(tenant_id, body, chosen.model, chosen.queue, engine_request)
+    return Prepared(tenant_id, body, chosen.model, chosen.queue, engine_request, route=chosen)
 
 
 def _fits(services: Services, item: Prepared, prompt_tokens: int) -> Prepared | BadRequest:
+    item, prompt_tokens = _longer_context(services, item, prompt_tokens)
     max_model_len = services.config.models[item.model].max_model_len
     max_tokens = item.engine_request.max_tokens
     if prompt_tokens + max_tokens > max_model_len:
@@ -138,7 +164,22 @@ def _fits(services: Services, item: Prepared, prompt_tokens: int) -> Prepared | 
             f"prompt is {prompt_tokens} tokens; with max_tokens {max_tokens} it "
             f"exceeds {item.model}'s context of {max_model_len} tokens"
         )
-    return item
+    return replace(item, prompt_tokens=prompt_tokens)
+
+
+def _longer_context(services: Services, item: Prepared, prompt_tokens: int) -> tuple[Prepared, int]:
+    """Move down the route's chain while the prompt does not fit the model's context."""
+    max_tokens = item.engine_request.max_tokens
+    window = services.config.models[item.model].max_model_len
+    while item.route is not None and prompt_tokens + max_tokens > window:
+        why = f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds its context of "
+        following = item.route.next(f"{why}{window}")
+        if following is None:
+            break
+        item = replace(item, model=following.model, queue=following.queue, route=following)
+        prompt_tokens = services.meters[item.model].count(item.engine_request)
+        window = services.config.models[item.model].max_model_len
+    return item, prompt_tokens
 
 
 def check_webhook_url(settings: Settings, url: str) -> None:
@@ -232,6 +273,17 @@ def _row(
         "queued_at": now,
         "published_at": now,
         "deadline_at": deadline_at,
+        **_route_columns(item.route),
+    }
+
+
+def _route_columns(chosen: Route | None) -> dict[str, Any]:
+    if chosen is None:
+        return {"first_model": None, "fallbacks": None, "fallback_reason": None}
+    return {
+        "first_model": chosen.first_model or chosen.model,
+        "fallbacks": list(chosen.fallbacks) or None,
+        "fallback_reason": chosen.reason,
     }
 
 
@@ -251,6 +303,7 @@ def publish_requests(services: Services, fresh: Sequence[Fresh]) -> None:
             enqueued_at=committed_at,
             job_id=str(job_id) if job_id else None,
             webhook_url=item.body.webhook_url,
+            fallbacks=_route_columns(item.route)["fallbacks"],
         )
         by_model.setdefault(item.model, []).append(message)
     for model, messages in by_model.items():
@@ -260,6 +313,16 @@ def publish_requests(services: Services, fresh: Sequence[Fresh]) -> None:
             publish(services.celery, messages, queue=queue, bundle_size=bundle_size)
         except Exception:  # the rows are committed; the reconciler publishes them later
             log.exception("publishing %d requests to %s failed", len(messages), queue)
+            _forget_publish(services, [uuid.UUID(m.request_id) for m in messages])
+
+
+def _forget_publish(services: Services, request_ids: list[uuid.UUID]) -> None:
+    """Mark them unpublished, so the reconciler sends them as soon as the broker is back."""
+    try:
+        with services.sessions.begin() as session:
+            forget_publish(session, request_ids)
+    except Exception:  # their lease runs out instead
+        log.exception("marking %d requests unpublished failed", len(request_ids))
 
 
 def _describe(exc: ValidationError, *, prefix: str) -> str:

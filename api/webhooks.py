@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Caller, services_of
+from api.schemas import Problem
 from api.service import BadRequest, Services
 from inferq.netguard import UnsafeURL, check_url
 from storage.webhooks import (
@@ -120,7 +121,16 @@ def get_webhook_delivery(
     return DeliveryPublic.of(row)
 
 
-@router.post("/v1/webhook-deliveries/{delivery_id}/replay", status_code=status.HTTP_202_ACCEPTED)
+REPLAY_CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": Problem, "description": "The endpoint is disabled (it answered 410)."}
+}
+
+
+@router.post(
+    "/v1/webhook-deliveries/{delivery_id}/replay",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=REPLAY_CONFLICT,
+)
 def replay_webhook_delivery(
     request: Request, tenant: Caller, delivery_id: uuid.UUID
 ) -> DeliveryPublic:

@@ -3,10 +3,12 @@ against the same prompts straight through the engine.
 
     python -m bench.bulk [--lines 100000] [--throughput-lines 2000]
 
-Accepting means the upload's HTTP call returned 202: every line validated, the job and its
-requests committed and published. The big job is cancelled once its first result is in; the
-throughput job runs to the end, timed from the upload to the last result stored. The last
-line printed is one JSON object.
+Accepting means the upload's HTTP call returned 202. A file over ``inline_job_lines`` (2,000)
+is stored whole and answered ``validating``; its lines are then checked, committed and published
+in the background, a small first chunk first (api/admission.py), so the first result follows
+within about a second. The big job is cancelled once its first result is in; the throughput
+job (2,000 lines, checked inline) runs to the end, timed from the upload to the last result
+stored. The last line printed is one JSON object.
 """
 
 from __future__ import annotations

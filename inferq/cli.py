@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -96,8 +97,12 @@ def api(settings: Settings, host: str, port: int, access_log: bool) -> None:
 @main.command()
 @click.option("--model", "model", required=True, help="The configured model to serve.")
 @click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--metrics-port", type=int, default=0, help="Serve Prometheus /metrics here.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True)
 @pass_settings
-def worker(settings: Settings, model: str, loglevel: str) -> None:
+def worker(
+    settings: Settings, model: str, loglevel: str, metrics_port: int, metrics_host: str
+) -> None:
     """Run a worker for one model: it consumes only that model's queue."""
     from storage.db import make_engine, make_sessionmaker
     from tasks.app import create_celery
@@ -113,6 +118,12 @@ def worker(settings: Settings, model: str, loglevel: str) -> None:
     app = create_celery(settings, config)
     engine = make_engine(settings.database_url)
     runtime = WorkerRuntime.create(settings, config, model, make_sessionmaker(engine), app)
+    if metrics_port:
+        from workers.metrics import WorkerMetrics
+
+        metrics = WorkerMetrics()
+        runtime.writer.add_commit_hook(metrics.observe)
+        metrics.serve(metrics_port, metrics_host)
     serve(app, {model: runtime})
     runtime.start()
     try:
@@ -125,6 +136,30 @@ def worker(settings: Settings, model: str, loglevel: str) -> None:
         ).start()
     finally:
         runtime.stop()
+        engine.dispose()
+
+
+@main.command()
+@pass_settings
+def reconcile(settings: Settings) -> None:
+    """Re-publish lost requests and expire overdue ones, until stopped (the API runs one
+    too unless INFERQ_RECONCILER=false; several share the work)."""
+    from storage.db import make_engine, make_sessionmaker
+    from tasks.app import create_celery
+    from workers.reconciler import Reconciler
+
+    config = _config(settings)
+    engine = make_engine(settings.database_url)
+    reconciler = Reconciler(
+        settings, config, make_sessionmaker(engine), create_celery(settings, config)
+    )
+    reconciler.start()
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        reconciler.stop()
         engine.dispose()
 
 
@@ -150,6 +185,36 @@ def build_model(settings: Settings) -> None:
     click.echo(ensure_tiny_model(settings.model_cache))
 
 
+@main.command("train-tiny")
+@click.option("--steps", default=900, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the trained and degraded models [default: the model cache].",
+)
+@click.option(
+    "--measure",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Then score trained, degraded and random models on N held-out products.",
+)
+@pass_settings
+def train_tiny(settings: Settings, steps: int, out: Path | None, measure: int) -> None:
+    """Train the tiny model to extract product attributes (a few minutes on CPU)."""
+    from inferq.quality.train import TrainConfig, train_and_measure
+    from inferq.tiny_model import ensure_tiny_model
+
+    train_and_measure(
+        out or settings.model_cache,
+        TrainConfig(steps=steps),
+        random_model=ensure_tiny_model(settings.model_cache) if measure else None,
+        measure=measure,
+        echo=click.echo,
+    )
+
+
 @main.command()
 @click.option("--loglevel", default="INFO", show_default=True)
 @pass_settings
@@ -165,8 +230,9 @@ def webhooks(settings: Settings, loglevel: str) -> None:
 
 def _register_client_commands() -> None:
     from inferq.cli_jobs import jobs, results, submit
+    from inferq.report import report
 
-    for command in (submit, jobs, results):
+    for command in (submit, jobs, results, report):
         main.add_command(command)
 
 

@@ -44,8 +44,12 @@ class Settings(BaseSettings):
     broker_key_prefix: str = ""
     # Bounded long-poll on GET /v1/requests/{id}?wait=...
     max_wait_s: float = 30.0
+    # Abuse limits, checked before anything is written: the body's bytes (uploads have their
+    # own, below), tokens generated per request (also at most the model's context less the
+    # prompt), and variants per request (``expand``'s ``n``).
     max_body_bytes: int = 1_000_000
     max_output_tokens: int = 4096
+    max_n: int = 16
     worker_name: str = ""
     # Where the CLI's client commands (submit, jobs, results) find the API.
     api_url: str = "http://127.0.0.1:8000"
@@ -65,11 +69,33 @@ class Settings(BaseSettings):
     admission_first_chunk: int = 200
     admission_chunk_lines: int = 2000
     admission_max_open: int = 5000
+    # Durability. A worker renews the lease of what it runs; past ``running_lease_s`` without
+    # renewal (the worker died) the reconciler re-publishes it, as it does a request queued
+    # past ``queued_lease_s`` (its message was lost). A request delivered more than
+    # ``max_deliveries`` times is failed with the reason. The API runs a reconciler unless
+    # ``reconciler`` is off (run ``inferq reconcile`` instead, or several: they share work).
+    running_lease_s: float = 20.0
+    queued_lease_s: float = 120.0
+    reconcile_interval_s: float = 5.0
+    max_deliveries: int = 5
+    reconciler: bool = True
+    # Backpressure (429 with Retry-After): requests waiting per model, a tenant's requests in
+    # flight, and a tenant's prompt tokens per minute (0: unlimited). See api/limits.py.
+    max_queued_per_model: int = 100_000
+    max_inflight_per_tenant: int = 50_000
+    tenant_tokens_per_minute: int = 0
     # Webhooks: delivery attempts before giving up, per-attempt timeout, and whether URLs
     # may point at loopback/private addresses (tests and closed networks only).
     webhook_max_attempts: int = 8
     webhook_timeout_s: float = 10.0
     webhook_allow_private: bool = False
+    # Evaluation pool: the share of succeeded requests copied (PII-stripped) into the pool,
+    # per task kind (``eval_task_shares`` overrides ``eval_sample_share``), the rows kept per
+    # kind, and the tenants that opted in (tenant ids, or "*" for all). Off by default.
+    eval_sample_share: float = Field(default=0.0, ge=0, le=1)
+    eval_task_shares: dict[str, float] = Field(default_factory=dict)
+    eval_window: int = Field(default=1000, gt=0)
+    eval_tenants: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

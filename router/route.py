@@ -1,13 +1,18 @@
-"""(task kind, input, tenant, config) -> Route. No I/O, no state."""
+"""(task kind, input, tenant, config) -> Route. No I/O, no state.
+
+Moving down a route's fallback chain is pure too: :func:`skip_unavailable` asks a callable
+why a model cannot take work now (cooling down, queue too deep, context too short) and
+records each reason on the route it returns.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from inferq.enums import TaskKind
 from router.config import RouterConfig
-from router.scorer import score_complexity
 from tasks.queues import model_queue
 
 
@@ -21,6 +26,26 @@ class Route:
     fallbacks: tuple[str, ...]
     queue: str
     complexity: float
+    max_queue_depth: int | None = None
+    # Set once the request moved down the chain: the model it was routed to, and why it left.
+    first_model: str | None = None
+    reason: str | None = None
+
+    def next(self, why: str) -> Route | None:
+        """This route one step down its chain, ``why`` recorded; None at the chain's end."""
+        if not self.fallbacks:
+            return None
+        model = self.fallbacks[0]
+        step = f"{self.model}: {why}"
+        return Route(
+            model,
+            self.fallbacks[1:],
+            model_queue(model),
+            self.complexity,
+            self.max_queue_depth,
+            first_model=self.first_model or self.model,
+            reason=step if self.reason is None else f"{self.reason}; {step}",
+        )
 
 
 def route(
@@ -41,7 +66,7 @@ def route(
         model_override: A model the caller named; it must be configured.
     """
     del tenant  # part of the contract; no tenant-specific routes yet
-    complexity = score_complexity(task, payload)
+    complexity = config.score(task, payload)
     if model_override is not None:
         if model_override not in config.models:
             known = ", ".join(sorted(config.models))
@@ -49,5 +74,22 @@ def route(
         return Route(model_override, (), model_queue(model_override), complexity)
     for spec in config.routes:
         if spec.task in (task, "*") and complexity <= spec.max_complexity:
-            return Route(spec.model, spec.fallbacks, model_queue(spec.model), complexity)
+            return Route(
+                spec.model,
+                spec.fallbacks,
+                model_queue(spec.model),
+                complexity,
+                spec.max_queue_depth,
+            )
     raise RoutingError(f"no route for task {task.value!r} at complexity {complexity:.2f}")
+
+
+def skip_unavailable(chosen: Route, why_not: Callable[[Route], str | None]) -> Route:
+    """Walk down the chain past models that cannot take the request now.
+
+    The last model of the chain takes it whatever its state: a cooled-down or busy model
+    still serves, later, where there is nothing else to try.
+    """
+    while chosen.fallbacks and (why := why_not(chosen)) is not None:
+        chosen = chosen.next(why) or chosen
+    return chosen

@@ -5,14 +5,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import JSON, Text, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from inferq.enums import OPEN_STATUSES, Outcome, RequestStatus, TaskKind
 from storage.models import LedgerEntry, Request
+from storage.reconcile import DEADLINE_PASSED
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,41 +42,85 @@ class Attempt:
     started_at: datetime
     first_token_at: datetime | None
     finished_at: datetime
+    # The engine call ran past the model's timeout_s (the ledger says timed_out, not failed).
+    timed_out: bool = False
+    # A failed attempt with models left in its chain moves the request to ``fallbacks[0]``.
+    fallbacks: tuple[str, ...] = ()
+    # Set when the model itself is next in ``fallbacks``: a retry, published after this delay.
+    retry_in_s: float | None = None
+
+    @property
+    def falls_back(self) -> bool:
+        return not self.succeeded and bool(self.fallbacks)
 
 
-def claim(session: Session, request_ids: Sequence[uuid.UUID], at: datetime) -> set[uuid.UUID]:
+def claim(
+    session: Session,
+    request_ids: Sequence[uuid.UUID],
+    at: datetime,
+    *,
+    running_lease: timedelta,
+    max_deliveries: int,
+) -> set[uuid.UUID]:
     """Mark a batch's requests running and return those to run.
 
-    Requests past their deadline are marked expired and left out, as are those cancelled or
-    finished since they were published. A request already ``running`` is claimed again: its
-    message came back because the worker running it died.
+    A request is claimed while ``queued``, or while ``running`` under a lease nobody renewed
+    for ``running_lease`` (its worker died and the message came back); one that a live worker
+    runs, or that was cancelled or finished since it was published, is left out. Past their
+    deadline requests are marked expired instead, and a request delivered more than
+    ``max_deliveries`` times is failed with the reason: it is likely what kills workers.
     """
+    claimable = and_(
+        Request.id.in_(request_ids),
+        or_(
+            Request.status == RequestStatus.QUEUED,
+            and_(
+                Request.status == RequestStatus.RUNNING,
+                Request.published_at < at - running_lease,
+            ),
+        ),
+    )
     session.execute(
         update(Request)
-        .where(
-            Request.id.in_(request_ids),
-            Request.status.in_(OPEN_STATUSES),
-            Request.deadline_at.is_not(None),
-            Request.deadline_at <= at,
-        )
-        .values(status=RequestStatus.EXPIRED, finished_at=at, error="deadline passed before it ran")
+        .where(claimable, Request.deadline_at.is_not(None), Request.deadline_at <= at)
+        .values(status=RequestStatus.EXPIRED, finished_at=at, error=DEADLINE_PASSED)
         .execution_options(synchronize_session=False)
     )
     rows = session.execute(
         update(Request)
-        .where(Request.id.in_(request_ids), Request.status.in_(OPEN_STATUSES))
-        .values(status=RequestStatus.RUNNING, started_at=at)
-        .returning(Request.id)
+        .where(claimable)
+        .values(
+            status=RequestStatus.RUNNING,
+            started_at=at,
+            published_at=at,
+            deliveries=Request.deliveries + 1,
+        )
+        .returning(Request.id, Request.deliveries)
         .execution_options(synchronize_session=False)
-    )
-    return set(rows.scalars())
+    ).all()
+    worn = [request_id for request_id, deliveries in rows if deliveries > max_deliveries]
+    if worn:
+        session.execute(
+            update(Request)
+            .where(Request.id.in_(worn))
+            .values(
+                status=RequestStatus.FAILED,
+                finished_at=at,
+                error=f"delivered more than {max_deliveries} times without finishing; "
+                "it may be what stops the workers running it",
+            )
+            .execution_options(synchronize_session=False)
+        )
+    return {request_id for request_id, deliveries in rows if deliveries <= max_deliveries}
 
 
 def record_batch(session: Session, attempts: Sequence[Attempt]) -> list[Outcome]:
     """Write results and ledger rows for a batch; return each attempt's outcome.
 
     A request already in a terminal state keeps its first result: this attempt is recorded
-    as a duplicate, so every execution is accounted for.
+    as a duplicate, so every execution is accounted for. A failed attempt with fallbacks left
+    is not a result: the request goes back to ``queued`` on the next model of its chain, with
+    the reason appended to ``fallback_reason``, and the caller publishes it after the commit.
     """
     ids = [a.request_id for a in attempts]
     closed = set(
@@ -85,19 +130,32 @@ def record_batch(session: Session, attempts: Sequence[Attempt]) -> list[Outcome]
             .with_for_update()
         )
     )
-    outcomes = [
-        Outcome.DUPLICATE
-        if a.request_id in closed
-        else (Outcome.SUCCEEDED if a.succeeded else Outcome.FAILED)
-        for a in attempts
-    ]
+    outcomes = _outcomes(attempts, closed)
     fresh = [a for a, o in zip(attempts, outcomes, strict=True) if o is not Outcome.DUPLICATE]
-    if fresh:
-        session.execute(_RESULT_UPDATE, [_result_params(a) for a in fresh])
+    results = [a for a in fresh if not a.falls_back]
+    if results:
+        session.execute(_RESULT_UPDATE, [_result_params(a) for a in results])
+    moved = [a for a in fresh if a.falls_back]
+    if moved:
+        session.execute(_FALLBACK_UPDATE, [_fallback_params(a) for a in moved])
     session.execute(
         insert(LedgerEntry),
         [_ledger_row(a, o) for a, o in zip(attempts, outcomes, strict=True)],
     )
+    return outcomes
+
+
+def _outcomes(attempts: Sequence[Attempt], closed: set[uuid.UUID]) -> list[Outcome]:
+    """First attempt wins: one at a request already closed, or already attempted earlier in
+    this batch (the same message delivered twice and batched together), is a duplicate."""
+    seen = set(closed)
+    outcomes = []
+    for a in attempts:
+        if a.request_id in seen:
+            outcomes.append(Outcome.DUPLICATE)
+        else:
+            outcomes.append(Outcome.SUCCEEDED if a.succeeded else Outcome.FAILED)
+        seen.add(a.request_id)
     return outcomes
 
 
@@ -122,6 +180,39 @@ _RESULT_UPDATE = (
         attempts=_REQUESTS.c.attempts + 1,
     )
 )
+
+
+_FALLBACK_UPDATE = (
+    update(_REQUESTS)
+    .where(
+        _REQUESTS.c.id == bindparam("b_id"),
+        or_(*(_REQUESTS.c.status == status for status in OPEN_STATUSES)),
+    )
+    .values(
+        status=RequestStatus.QUEUED,
+        model=bindparam("b_model"),
+        fallbacks=bindparam("b_fallbacks", type_=JSON),
+        fallback_reason=func.coalesce(_REQUESTS.c.fallback_reason + "; ", "")
+        + bindparam("b_reason", type_=Text),
+        first_model=func.coalesce(_REQUESTS.c.first_model, bindparam("b_first_model")),
+        started_at=None,
+        published_at=bindparam("b_published_at"),  # published right after this commit
+        deliveries=0,  # a new model: its delivery cap starts over
+        attempts=_REQUESTS.c.attempts + 1,
+    )
+)
+
+
+def _fallback_params(a: Attempt) -> dict[str, Any]:
+    what = "timed out" if a.timed_out else "failed"
+    return {
+        "b_id": a.request_id,
+        "b_model": a.fallbacks[0],
+        "b_fallbacks": list(a.fallbacks[1:]) or None,
+        "b_reason": f"{a.model} {what}: {a.error}",
+        "b_first_model": a.model,
+        "b_published_at": a.finished_at,
+    }
 
 
 def _result_params(a: Attempt) -> dict[str, Any]:
@@ -156,7 +247,7 @@ def _ledger_row(a: Attempt, outcome: Outcome) -> dict[str, Any]:
         "ttft_s": a.ttft_s,
         "gpu_seconds": a.gpu_seconds,
         "cost": a.cost,
-        "outcome": outcome,
+        "outcome": Outcome.TIMED_OUT if a.timed_out and outcome is Outcome.FAILED else outcome,
         "error": a.error,
         "created_at": a.finished_at,
     }

@@ -93,3 +93,23 @@ def percentile(sorted_values: list[float], pct: float) -> float:
         return 0.0
     rank = max(math.ceil(pct / 100 * len(sorted_values)), 1)
     return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    """p50/p95/p99 of one stage's latencies, nearest rank; all 0.0 when there were none."""
+
+    p50: float
+    p95: float
+    p99: float
+    count: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Percentiles:
+        ordered = sorted(values)
+        return cls(
+            p50=percentile(ordered, 50),
+            p95=percentile(ordered, 95),
+            p99=percentile(ordered, 99),
+            count=len(ordered),
+        )

@@ -15,6 +15,7 @@ KEY_PREFIX = "iq_"
 
 
 def hash_key(key: str) -> str:
+    """The SHA-256 hex digest: what is stored and looked up; the key is kept nowhere."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -37,8 +38,15 @@ def issue_key(session: Session, tenant: Tenant) -> str:
 
 
 def tenant_for_key(session: Session, key: str) -> Tenant | None:
-    """The tenant owning this key, or None. The lookup is by hash; the final check is
-    constant-time so a near-match leaks nothing through timing."""
+    """The tenant owning this key, or None.
+
+    The key itself is never compared: its SHA-256 digest is looked up through the unique
+    index. Timing could at most tell how many leading characters of a *digest* matched a
+    stored one, and a caller cannot steer a guess's digest toward a stored digest (preimage
+    resistance), so nothing is learnt about a key from a near miss. The found row's digest is
+    checked again in constant time (``hmac.compare_digest``), so no comparison on this path
+    stops early on secret data.
+    """
     digest = hash_key(key)
     row = session.execute(
         select(ApiKey, Tenant)

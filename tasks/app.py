@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
@@ -89,3 +90,13 @@ def publish(app: Celery, messages: list[RunMessage], *, queue: str, bundle_size:
                     priority=_PRIORITY[priority],
                     producer=producer,
                 )
+
+
+def publish_by_model(app: Celery, config: RouterConfig, messages: Sequence[RunMessage]) -> None:
+    """Publish requests of any models, each on its model's queue, bundled per model."""
+    by_model: dict[str, list[RunMessage]] = {}
+    for message in messages:
+        by_model.setdefault(message.model, []).append(message)
+    for model, group in by_model.items():
+        bundle_size = config.models[model].max_batch_size
+        publish(app, group, queue=model_queue(model), bundle_size=bundle_size)

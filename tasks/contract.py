@@ -53,6 +53,10 @@ class RunMessage(BaseModel):
     deadline: float | None = None
     job_id: str | None = None
     webhook_url: str | None = None
+    # The rest of the route's chain: where the request goes if this model fails or times out.
+    fallbacks: list[str] | None = None
+    # Which try on this model this is (a failed attempt is retried up to max_attempts).
+    attempt: int = 1
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

@@ -7,17 +7,23 @@ configured model on a GPU, and no secret may have a default. `scripts/validate-c
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import uuid
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 import click
+import httpx
 import pytest
 import yaml
 
 from inferq.cli import main
 from router.config import load_config
+from tests.conftest import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -248,3 +254,48 @@ def test_dockerfile_matches_commands() -> None:
     for name, service in SERVICES.items():
         if "build" in service:
             assert service["build"] in (".", {"context": "."}), name
+
+
+def test_flower_as_composed_refuses_callers_without_its_credentials(
+    broker_url: str, tmp_path: Path
+) -> None:
+    """Run Flower with the compose file's command and environment (its variables set to test
+    values): pages need the credentials, only the healthcheck answers without them."""
+    flower = SERVICES["flower"]
+    given = {"FLOWER_USER": "ops", "FLOWER_PASSWORD": f"pw-{uuid.uuid4().hex}"}
+    env = {
+        key: INTERPOLATION.sub(lambda m: given[m["braced"] or m["bare"]], value)
+        for key, value in environment_of(flower).items()
+    }
+    assert env["FLOWER_BASIC_AUTH"] == f"ops:{given['FLOWER_PASSWORD']}"
+    port = free_port()
+    args = [
+        f"--broker={broker_url}" if a.startswith("--broker=") else a for a in command_of(flower)[1:]
+    ]
+    args = [f"--port={port}" if a.startswith("--port=") else a for a in args]
+    log = (tmp_path / "flower.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", *args],
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(proc, f"{url}/healthcheck"), timeout=120, what="flower")
+        assert httpx.get(f"{url}/").status_code == 401
+        assert httpx.get(f"{url}/", auth=("ops", "wrong")).status_code == 401
+        assert httpx.get(f"{url}/workers", auth=("ops", "wrong")).status_code == 401
+        assert httpx.get(f"{url}/", auth=("ops", given["FLOWER_PASSWORD"])).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _answers(proc: subprocess.Popen[bytes], url: str) -> bool:
+    if proc.poll() is not None:
+        pytest.fail(f"flower exited with {proc.returncode}")
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -43,10 +43,17 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             queues=[self._queues[model_queue(model)] for model in self._runtimes],
             callbacks=[self._on_message],
             accept=["json"],
+            # Anything else (a pickle) is refused undecoded and dropped, not left to kill
+            # the worker and come back to the next one.
+            on_decode_error=self._on_decode_error,
             # The buffer: one batch running and the next one filling, per model.
             prefetch_count=sum(r.buffer_size for r in self._runtimes.values()),
         )
         return [consumer]
+
+    def _on_decode_error(self, message: Message, exc: Exception) -> None:
+        log.error("dropping a message that is not JSON: %s", exc)
+        message.reject(requeue=False)
 
     def _on_message(self, body: Any, message: Message) -> None:
         """A message carries a bundle of requests; it is settled once all of them are."""
@@ -82,9 +89,19 @@ class _Settle:
             if self._left or self._failed:
                 return  # a failure leaves it unacknowledged: delivered again later
         if self._hub is None:
-            self._message.ack()
+            _ack(self._message)
         else:
-            self._hub.call_soon(self._message.ack)
+            self._hub.call_soon(_ack, self._message)
+
+
+def _ack(message: Message) -> None:
+    """Acknowledge, unless the connection it came on was lost meanwhile (Redis restarted): it
+    cannot be acknowledged then, and raising here would stop the worker's event loop. Its
+    request is committed; a redelivered copy is settled unrun."""
+    try:
+        message.ack()
+    except Exception:
+        log.warning("could not acknowledge a message: its connection is gone", exc_info=True)
 
 
 def serve(app: Any, runtimes: dict[str, WorkerRuntime]) -> None:

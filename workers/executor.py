@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from inferq.enums import Outcome
 from router.config import ModelSpec
 from storage.ledger import Attempt
+from tasks.contract import EngineRequest, RunMessage
 from tasks.templates import OutputError, parse_output
 from workers.batcher import WorkItem
-from workers.engines.base import Engine, Generation
+from workers.engines.base import Engine, EngineError, Generation
+from workers.pricing import price_attempt
 from workers.writer import BatchWriter
 
 log = logging.getLogger(__name__)
+
+
+class EngineTimeout(EngineError):
+    """The engine call ran past the model's ``timeout_s``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +33,8 @@ class _Ran:
     item: WorkItem
     generation: Generation | None
     error: str | None
+    timed_out: bool = False
+    call_s: float = 0.0  # a failed call's own engine time, charged to its requests
 
 
 class BatchExecutor:
@@ -44,6 +54,8 @@ class BatchExecutor:
         self._spec = spec
         self._worker = worker
         self._writer = writer
+        # An engine call that ran past timeout_s and may still be running.
+        self._abandoned: Future[list[Generation]] | None = None
 
     def __call__(self, batch: list[WorkItem]) -> None:
         started = time.time()
@@ -68,28 +80,66 @@ class BatchExecutor:
         return kept
 
     def _isolate(self, items: Sequence[WorkItem]) -> list[_Ran]:
-        """Run items as one call; if the call fails, split it until the culprit fails alone."""
+        """Run items as one call; if the call fails, split it until the culprit fails alone.
+
+        A call past the model's ``timeout_s`` fails every item in it as timed out.
+        """
+        clock = time.perf_counter()
         try:
-            generations = self._engine.generate([i.message.engine_request for i in items])
+            generations = self._generate([i.message.engine_request for i in items])
         except Exception as exc:
-            if len(items) == 1:
-                log.warning("request %s failed: %s", items[0].message.request_id, exc)
-                return [_Ran(items[0], None, f"{type(exc).__name__}: {exc}")]
+            # A timeout is the whole batch's: splitting would only wait on the engine again.
+            timed_out = isinstance(exc, EngineTimeout)
+            if len(items) == 1 or timed_out:
+                ids = ", ".join(i.message.request_id for i in items)
+                log.warning("request(s) %s failed: %s", ids, exc)
+                error = f"{type(exc).__name__}: {exc}"
+                share = (time.perf_counter() - clock) / len(items)
+                return [_Ran(item, None, error, timed_out, share) for item in items]
             middle = len(items) // 2
             return self._isolate(items[:middle]) + self._isolate(items[middle:])
         return [_Ran(i, g, None) for i, g in zip(items, generations, strict=True)]
 
+    def _generate(self, requests: list[EngineRequest]) -> list[Generation]:
+        """One engine call; with ``timeout_s`` set, on a helper thread that may be given up.
+
+        A call past the timeout is abandoned, not stopped (engines cannot be interrupted), and
+        the engine never runs two calls at once: the next call first waits, within its own
+        timeout, for the abandoned one. A wedged engine so times out everything after it, the
+        breaker cools the model down, and its work goes down the route's chain.
+        """
+        timeout = self._spec.timeout_s
+        if timeout is None:
+            return self._engine.generate(requests)
+        deadline = time.monotonic() + timeout
+        if self._abandoned is not None:
+            try:
+                self._abandoned.exception(timeout=timeout)
+            except TimeoutError as exc:
+                raise EngineTimeout(f"engine still busy past {timeout:g}s") from exc
+            self._abandoned = None
+        box: Future[list[Generation]] = Future()
+
+        def call() -> None:
+            try:
+                box.set_result(self._engine.generate(requests))
+            except BaseException as exc:
+                box.set_exception(exc)
+
+        threading.Thread(target=call, name=f"inferq-engine-{self._model}", daemon=True).start()
+        try:
+            return box.result(timeout=max(deadline - time.monotonic(), 0.0))
+        except TimeoutError as exc:
+            if box.done():  # the engine's own TimeoutError, raised in time
+                raise
+            self._abandoned = box
+            raise EngineTimeout(f"no answer within {timeout:g}s") from exc
+
     def _attempts(self, ran: list[_Ran], started: float, engine_s: float) -> list[Attempt]:
         batch_id = uuid.uuid4()
         finished = time.time()
-        tokens = [
-            (r.generation.prompt_tokens + r.generation.completion_tokens) if r.generation else 0
-            for r in ran
-        ]
-        total_tokens = sum(tokens) or 1
-        gpu_seconds_batch = engine_s * self._spec.gpu_count
         attempts = []
-        for r, n_tokens in zip(ran, tokens, strict=True):
+        for r, gpu_seconds in zip(ran, self._gpu_seconds(ran, engine_s), strict=True):
             message = r.item.message
             output, error = None, r.error
             if r.generation is not None:
@@ -98,7 +148,12 @@ class BatchExecutor:
                 except OutputError as exc:
                     error = str(exc)
             gen = r.generation
-            gpu_seconds = gpu_seconds_batch * n_tokens / total_tokens
+            price = price_attempt(
+                self._spec,
+                gpu_seconds=gpu_seconds,
+                prompt_tokens=gen.prompt_tokens if gen else 0,
+                completion_tokens=gen.completion_tokens if gen else 0,
+            )
             ttft = gen.ttft_s if gen else None
             attempts.append(
                 Attempt(
@@ -119,14 +174,44 @@ class BatchExecutor:
                     queue_wait_s=max(started - message.enqueued_at, 0.0),
                     engine_s=engine_s,
                     ttft_s=ttft,
-                    gpu_seconds=gpu_seconds,
-                    cost=gpu_seconds * self._spec.price_per_gpu_hour / 3600,
+                    gpu_seconds=price.gpu_seconds,
+                    cost=price.cost,
                     started_at=_utc(started),
                     first_token_at=_utc(started + ttft) if ttft is not None else None,
                     finished_at=_utc(finished),
+                    timed_out=r.timed_out,
+                    fallbacks=self._next_models(message),
+                    retry_in_s=self._retry_in(message),
                 )
             )
         return attempts
+
+    def _gpu_seconds(self, ran: list[_Ran], engine_s: float) -> list[float]:
+        """A batch's GPU-seconds per request: a failed call's time goes to the requests in
+        it (waste, in the ledger), the rest is shared by the others' token counts."""
+        tokens = [
+            (r.generation.prompt_tokens + r.generation.completion_tokens) if r.generation else 0
+            for r in ran
+        ]
+        failed_s = sum(r.call_s for r in ran if r.generation is None)
+        shared_s = max(engine_s - failed_s, 0.0)
+        total = sum(tokens) or 1
+        gpus = self._spec.gpu_count
+        return [
+            gpus * (r.call_s if r.generation is None else shared_s * n / total)
+            for r, n in zip(ran, tokens, strict=True)
+        ]
+
+    def _next_models(self, message: RunMessage) -> tuple[str, ...]:
+        """Where the request goes if this attempt failed: this model again while it has
+        tries left, then down the route's chain."""
+        chain = tuple(message.fallbacks or ())
+        return (self._model, *chain) if message.attempt < self._spec.max_attempts else chain
+
+    def _retry_in(self, message: RunMessage) -> float | None:
+        if message.attempt >= self._spec.max_attempts:
+            return None
+        return float(self._spec.retry_backoff_s * 2 ** (message.attempt - 1))
 
 
 def _utc(ts: float) -> datetime:

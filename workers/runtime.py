@@ -7,7 +7,6 @@ import socket
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from datetime import UTC, datetime
 from functools import partial
 
 from celery import Celery
@@ -17,20 +16,16 @@ from inferq.enums import Outcome
 from inferq.models import resolve_model_path
 from inferq.settings import Settings
 from router.config import RouterConfig
-from storage.ledger import claim
+from router.health import ModelHealth
+from tasks.app import publish_by_model
 from tasks.contract import RunMessage
 from tasks.webhooks import publish_deliveries
 from workers.batcher import MicroBatcher
 from workers.engines import Engine, create_engine
 from workers.executor import BatchExecutor
+from workers.fallbacks import BreakerHook
+from workers.leases import Leases
 from workers.writer import BatchWriter
-
-
-def _claim(
-    sessions: sessionmaker[Session], request_ids: list[uuid.UUID], at: float
-) -> set[uuid.UUID]:
-    with sessions.begin() as session:
-        return claim(session, request_ids, datetime.fromtimestamp(at, UTC))
 
 
 class WorkerRuntime:
@@ -45,19 +40,22 @@ class WorkerRuntime:
         sessions: sessionmaker[Session],
         worker_name: str,
         publish_deliveries: Callable[[list[uuid.UUID]], None],
+        publish_runs: Callable[[list[RunMessage]], None] | None = None,
+        leases: Leases | None = None,
     ) -> None:
         spec = config.models[model]
+        self.leases = leases or Leases(sessions)
         self.model = model
         self.spec = spec
         self.engine = engine
-        self.writer = BatchWriter(sessions, publish_deliveries)
+        self.writer = BatchWriter(sessions, publish_deliveries, publish_runs=publish_runs)
         executor = BatchExecutor(
             engine,
             model=model,
             spec=spec,
             worker=worker_name,
             writer=self.writer,
-            claim=partial(_claim, sessions),
+            claim=self.leases.claim,
         )
         self.batcher = MicroBatcher(
             executor,
@@ -82,14 +80,19 @@ class WorkerRuntime:
         spec = config.models[model]
         engine = create_engine(spec, model_path=resolve_model_path(spec.path, settings))
         name = settings.worker_name or f"{model}@{socket.gethostname()}:{os.getpid()}"
-        return cls(
+        runtime = cls(
             engine,
             model=model,
             config=config,
             sessions=sessions,
             worker_name=name,
             publish_deliveries=partial(publish_deliveries, celery),
+            publish_runs=partial(publish_by_model, celery, config),
+            leases=Leases.from_settings(settings, sessions),
         )
+        health = ModelHealth.create(settings, config.breaker)
+        runtime.writer.add_commit_hook(BreakerHook(health, model))
+        return runtime
 
     @property
     def buffer_size(self) -> int:
@@ -97,13 +100,18 @@ class WorkerRuntime:
         return 2 * self.spec.max_batch_size
 
     def start(self) -> None:
+        self.leases.start()
         self.writer.start()
         self.batcher.start()
 
     def submit(self, message: RunMessage) -> Future[Outcome]:
-        return self.batcher.submit(message)
+        future = self.batcher.submit(message)
+        request_id = uuid.UUID(message.request_id)
+        future.add_done_callback(lambda _: self.leases.release(request_id))
+        return future
 
     def stop(self) -> None:
         self.batcher.stop()
         self.writer.stop()
+        self.leases.stop()
         self.engine.close()

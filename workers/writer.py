@@ -21,11 +21,14 @@ from inferq.enums import Outcome
 from storage.events import close_finished_jobs, request_completed
 from storage.ledger import Attempt, record_batch
 from storage.models import utcnow
+from tasks.contract import RunMessage
 from workers.batcher import WorkItem
 
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 10.0
+
+CommitHook = Callable[[list[Attempt], list[Outcome]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +42,13 @@ class BatchWriter:
         self,
         sessions: sessionmaker[Session],
         publish_deliveries: Callable[[list[uuid.UUID]], None],
+        publish_runs: Callable[[list[RunMessage]], None] | None = None,
     ) -> None:
         self._sessions = sessions
         self._publish_deliveries = publish_deliveries
+        # Requests that fell back, sent on to their next model's queue after the commit.
+        self._publish_runs = publish_runs
+        self._commit_hooks: list[CommitHook] = []
         self._jobs: queue.SimpleQueue[_Finished | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="inferq-writer", daemon=True)
@@ -53,6 +60,10 @@ class BatchWriter:
         self._jobs.put(None)
         self._thread.join(timeout)
         self._stopping.set()
+
+    def add_commit_hook(self, hook: CommitHook) -> None:
+        """Call ``hook(attempts, outcomes)`` after each committed batch (metrics, say)."""
+        self._commit_hooks.append(hook)
 
     def finished(self, items: list[WorkItem], attempts: list[Attempt]) -> None:
         self._jobs.put(_Finished(items, attempts))
@@ -78,13 +89,40 @@ class BatchWriter:
                 log.warning("commit failed; retrying in %.1fs", backoff, exc_info=True)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        self._publish(deliveries, _fallen_back(job, outcomes))
+        for item, outcome in zip(job.items, outcomes, strict=True):
+            item.future.set_result(outcome)
+        for hook in self._commit_hooks:
+            try:
+                hook(job.attempts, outcomes)
+            except Exception:  # a hook never holds up or breaks the writer
+                log.exception("commit hook %r failed", hook)
+
+    def _publish(self, deliveries: list[uuid.UUID], moved: list[tuple[float, RunMessage]]) -> None:
+        """After the commit: webhook deliveries, and requests moving down their chains."""
         if deliveries:
             try:
                 self._publish_deliveries(deliveries)
             except Exception:  # recorded as pending; a replay or a reconciler sends them
                 log.exception("publishing %d webhook deliveries failed", len(deliveries))
-        for item, outcome in zip(job.items, outcomes, strict=True):
-            item.future.set_result(outcome)
+        by_delay: dict[float, list[RunMessage]] = {}
+        for delay, message in moved:
+            by_delay.setdefault(delay, []).append(message)
+        for delay, messages in by_delay.items():
+            if not delay:
+                self._send_runs(messages)
+                continue
+            timer = threading.Timer(delay, self._send_runs, args=(messages,))
+            timer.daemon = True  # if the worker dies first, the reconciler sends them
+            timer.start()
+
+    def _send_runs(self, messages: list[RunMessage]) -> None:
+        if self._publish_runs is None:
+            return
+        try:
+            self._publish_runs(messages)
+        except Exception:  # committed as queued on the next model; the reconciler sends them
+            log.exception("publishing %d fallen-back requests failed", len(messages))
 
 
 def _events(session: Session, job: _Finished, outcomes: list[Outcome]) -> list[uuid.UUID]:
@@ -92,10 +130,31 @@ def _events(session: Session, job: _Finished, outcomes: list[Outcome]) -> list[u
     finished = [
         (a.request_id, a.tenant_id, item.message.webhook_url, outcome)
         for item, a, outcome in zip(job.items, job.attempts, outcomes, strict=True)
-        if item.message.webhook_url
+        if item.message.webhook_url and not a.falls_back
     ]
     deliveries = request_completed(session, finished) if finished else []
     job_ids = {uuid.UUID(item.message.job_id) for item in job.items if item.message.job_id}
     if job_ids:
         deliveries += close_finished_jobs(session, job_ids, utcnow())
     return deliveries
+
+
+def _fallen_back(job: _Finished, outcomes: list[Outcome]) -> list[tuple[float, RunMessage]]:
+    """The messages that carry requests on to the next model of their chains (or retry
+    them on the same model), each with how long to wait before sending it."""
+    now = time.time()
+    return [
+        (
+            a.retry_in_s or 0.0,
+            item.message.model_copy(
+                update={
+                    "model": a.fallbacks[0],
+                    "fallbacks": list(a.fallbacks[1:]) or None,
+                    "enqueued_at": now,
+                    "attempt": item.message.attempt + 1 if a.retry_in_s is not None else 1,
+                }
+            ),
+        )
+        for item, a, outcome in zip(job.items, job.attempts, outcomes, strict=True)
+        if a.falls_back and outcome is not Outcome.DUPLICATE
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+import storage.eval_models
 import storage.openai_files
 import storage.webhooks  # noqa: F401  (its tables join Base.metadata)
 from storage.db import make_engine

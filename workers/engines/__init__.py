@@ -20,4 +20,12 @@ def create_engine(spec: ModelSpec, *, model_path: Path, seed: int = 0) -> Engine
         from workers.engines.scripted import ScriptedEngine
 
         return ScriptedEngine.from_options(spec.options)
+    if spec.engine == "transformers":
+        from workers.engines.transformers import TransformersEngine
+
+        return TransformersEngine.load(spec, model_path=model_path, seed=seed)
+    if spec.engine == "openai":
+        from workers.engines.hosted import HostedEngine
+
+        return HostedEngine.from_spec(spec)
     raise ValueError(f"unknown engine {spec.engine!r}")

@@ -23,6 +23,7 @@ class Rule:
     fail: str | None = None
     delay_s: float = 0.0
     hang: bool = False
+    times: int | None = None  # applies to its first N matches only (a transient fault)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class ScriptedEngine:
     rules: Sequence[Rule] = ()
     delay_s: float = 0.0
     calls: list[int] = field(default_factory=list)  # batch sizes, for assertions
+    matched: dict[int, int] = field(default_factory=dict)  # matches so far, by rule
     _released: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -44,8 +46,8 @@ class ScriptedEngine:
         delay = self.delay_s
         for request in requests:
             text = _last_text(request)
-            for rule in self.rules:
-                if rule.match not in text:
+            for index, rule in enumerate(self.rules):
+                if rule.match not in text or not self._applies(index, rule):
                     continue
                 if rule.hang:
                     self._released.wait()
@@ -55,6 +57,12 @@ class ScriptedEngine:
         if delay:
             time.sleep(delay)
         return [_answer(r) for r in requests]
+
+    def _applies(self, index: int, rule: Rule) -> bool:
+        if rule.times is None:
+            return True
+        self.matched[index] = self.matched.get(index, 0) + 1
+        return self.matched[index] <= rule.times
 
     def close(self) -> None:
         self._released.set()

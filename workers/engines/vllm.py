@@ -44,6 +44,8 @@ class VllmEngine:
             # guidance keeps JSON strings free of raw control characters (xgrammar did not)
             "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
         }
+        if spec.quantization != "none":  # checked against the weights when the config loaded
+            kwargs["quantization"] = spec.quantization
         kwargs.update(spec.options)
         self._llm = LLM(**kwargs)
         self._tokenizer = self._llm.get_tokenizer()

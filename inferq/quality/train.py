@@ -1,0 +1,284 @@
+"""Train the tiny Llama to extract product attributes, so quality checks have signal.
+
+The random tiny model answers gibberish, which makes every quality comparison a tie. A few
+minutes of CPU training on generated catalogue copy, in exactly the chat format the worker
+sends for the ``extract`` kind, gives a model that fills most fields correctly under the
+JSON-schema constraint; an early snapshot of the same run is the "degraded" model a regression
+check must catch.
+
+Training examples come from ``bench/make_products.py`` (the generator of the demo's
+catalogue) with seeds other than the demo's, so this needs a source checkout. Heavy libraries
+are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from inferq.enums import TaskKind
+from tasks.templates import SamplingIn, render
+
+TRAINED_NAME = "tiny-llama-extract"
+DEGRADED_NAME = "tiny-llama-extract-degraded"
+DATA = Path(__file__).resolve().parents[1] / "data"
+SCHEMA_PATH = DATA / "product_schema.json"
+# The demo's catalogue is the held-out set: no training text equals one of its texts.
+HELD_OUT_PATH = DATA / "products.jsonl"
+_MAKE_PRODUCTS = Path(__file__).resolve().parents[2] / "bench" / "make_products.py"
+TRAIN_SEED = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    """Knobs of one training run; the defaults take a few CPU minutes on 2 cores."""
+
+    steps: int = 900
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup: int = 20
+    weight_decay: float = 0.01
+    hidden: int = 128
+    layers: int = 2
+    # Distinct generated products to draw batches from (encoded once, up front).
+    examples: int = 6000
+    # The degraded copy is the same run snapshotted after this share of the steps.
+    degraded_share: float = 0.3
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    trained: Path
+    degraded: Path
+    seconds: float
+    # CPU seconds of this process (all threads): comparable on a shared, busy machine.
+    cpu_seconds: float
+    first_loss: float
+    last_loss: float
+    steps: int
+
+
+@functools.cache
+def load_catalogue() -> ModuleType:
+    """``bench/make_products.py``, loaded by path: it is not part of the installed package."""
+    if not _MAKE_PRODUCTS.is_file():
+        raise FileNotFoundError(f"training data needs a source checkout: {_MAKE_PRODUCTS} missing")
+    spec = importlib.util.spec_from_file_location("inferq_make_products", _MAKE_PRODUCTS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def products(seed: int, count: int, *, exclude: set[str] | None = None) -> list[dict[str, Any]]:
+    """``count`` generated products (text + ground-truth attributes), skipping ``exclude`` texts."""
+    make_product = load_catalogue().make_product
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    index = 0
+    while len(out) < count:
+        index += 1
+        item = make_product(rng, index)
+        if exclude is None or item["text"] not in exclude:
+            out.append(item)
+    return out
+
+
+def held_out_products(limit: int | None = None) -> list[dict[str, Any]]:
+    """The demo catalogue's products (text + attributes), the first ``limit`` of them."""
+    lines = HELD_OUT_PATH.read_text(encoding="utf-8").splitlines()
+    items = [json.loads(line) for line in lines if line.strip()]
+    return items[:limit] if limit is not None else items
+
+
+def extract_target(attributes: dict[str, str]) -> str:
+    """The answer as the constrained decoder emits it: compact JSON, schema key order."""
+    return json.dumps(attributes, ensure_ascii=False, separators=(",", ":"))
+
+
+def encode_example(
+    tokenizer: Any, schema: dict[str, Any], item: dict[str, Any]
+) -> tuple[list[int], int]:
+    """Token ids of prompt + answer + EOS, and where the answer starts (loss is on the answer)."""
+    request = render(TaskKind.EXTRACT, {"text": item["text"], "schema": schema}, SamplingIn())
+    messages = [m.model_dump() for m in request.messages or []]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(extract_target(item["attributes"]), add_special_tokens=False)[
+        "input_ids"
+    ]
+    return [*prompt_ids, *answer_ids, tokenizer.eos_token_id], len(prompt_ids)
+
+
+def train_tiny(
+    out_dir: Path,
+    config: TrainConfig | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Build a fresh tiny model, train it and save the trained and degraded copies.
+
+    Both copies are written to temporary siblings and renamed into place, so an interrupted
+    run never leaves a half-saved model where an engine would load it.
+    """
+    import torch
+
+    from inferq.quality.tiny_base import new_model, train_tokenizer
+
+    config = config or TrainConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    schema = json.loads(SCHEMA_PATH.read_text())
+    held_out = {item["text"] for item in held_out_products()}
+    pool = products(TRAIN_SEED + config.seed, config.examples, exclude=held_out)
+    tokenizer = train_tokenizer(_tokenizer_lines(pool, schema))
+    model = new_model(tokenizer, seed=config.seed, hidden=config.hidden, layers=config.layers)
+    encoded = [encode_example(tokenizer, schema, item) for item in pool]
+    batches = _batches(encoded, tokenizer.pad_token_id, config)
+    optimiser = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98)
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _lr_lambda(config))
+    degraded_step = max(1, int(config.steps * config.degraded_share))
+    degraded: Path | None = None
+    losses: list[float] = []
+    started, cpu_started = time.perf_counter(), time.process_time()
+    model.train()
+    for step in range(1, config.steps + 1):
+        loss = _answer_loss(model, *next(batches))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        optimiser.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if log and (step % 25 == 0 or step == 1):
+            log(f"step {step}/{config.steps} loss {losses[-1]:.4f}")
+        if step == degraded_step:
+            degraded = _save(model, tokenizer, out_dir / DEGRADED_NAME)
+    seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
+    trained = _save(model, tokenizer, out_dir / TRAINED_NAME)
+    assert degraded is not None
+    window = max(1, min(10, len(losses) // 4))
+    return TrainResult(
+        trained=trained,
+        degraded=degraded,
+        seconds=seconds,
+        cpu_seconds=cpu_seconds,
+        first_loss=sum(losses[:window]) / window,
+        last_loss=sum(losses[-window:]) / window,
+        steps=config.steps,
+    )
+
+
+def _answer_loss(model: Any, ids: Any, labels: Any, mask: Any) -> Any:
+    """Next-token loss on the answer only; the LM head runs on those positions alone.
+
+    The head (vocab x hidden) is about half of the tiny model's compute, and answers are a
+    fifth of each sequence, so skipping the prompt positions nearly halves a step's cost.
+    """
+    import torch
+
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits, targets[keep])
+
+
+def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _tokenizer_lines(pool: list[dict[str, Any]], schema: dict[str, Any]) -> Iterator[str]:
+    """What the model will read and write: the system prompt, descriptions and answers."""
+    request = render(TaskKind.EXTRACT, {"text": "-", "schema": schema}, SamplingIn())
+    system = (request.messages or [])[0].content
+    for item in pool:
+        yield system
+        yield item["text"]
+        yield extract_target(item["attributes"])
+
+
+def _batches(
+    encoded: list[tuple[list[int], int]], pad_id: int, config: TrainConfig
+) -> Iterator[Any]:
+    """Endless right-padded batches drawn from ``encoded``; labels are -100 outside the answer."""
+    import torch
+
+    rng = random.Random(config.seed)
+    while True:
+        chosen = rng.sample(encoded, config.batch_size)
+        width = max(len(ids) for ids, _ in chosen)
+        ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chosen), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chosen), width), dtype=torch.long)
+        for row, (tokens, start) in enumerate(chosen):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            labels[row, start : len(tokens)] = torch.tensor(tokens[start:])
+            mask[row, : len(tokens)] = 1
+        yield ids, labels, mask
+
+
+def _save(model: Any, tokenizer: Any, target: Path) -> Path:
+    """Save model + tokenizer to ``target`` atomically (temporary sibling, then rename)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def train_and_measure(
+    out_dir: Path,
+    config: TrainConfig,
+    *,
+    random_model: Path | None,
+    measure: int,
+    echo: Callable[[str], None],
+) -> TrainResult:
+    """What ``inferq train-tiny`` does: train, then score trained, degraded and random models
+    on ``measure`` held-out products with the real engine (0 skips the measurement)."""
+    from inferq.quality.extract_eval import describe, measure_extraction
+
+    result = train_tiny(out_dir, config, log=echo)
+    echo(
+        f"trained {result.steps} steps in {result.seconds:.0f}s "
+        f"({result.cpu_seconds:.0f} CPU-s); loss {result.first_loss:.3f} -> "
+        f"{result.last_loss:.3f}; saved {result.trained} and {result.degraded}"
+    )
+    if measure <= 0:
+        return result
+    items = held_out_products(measure)
+    schema = json.loads(SCHEMA_PATH.read_text())
+    models = {"trained": result.trained, "degraded": result.degraded}
+    if random_model is not None:
+        models["random"] = random_model
+    for name, path in models.items():
+        echo(describe(name, measure_extraction(path, items, schema=schema)))
+    return result

@@ -1,0 +1,100 @@
+"""The reconciler's queries: which requests the transport lost, and which are past their time.
+
+A request's ``published_at`` is its lease: set when it is published, and renewed by the worker
+running it. Queued past ``queued_lease`` (or with a publish that failed, ``NULL``), its message
+is presumed lost; running past ``running_lease``, its worker is presumed dead. Either way it
+is put back to ``queued`` with a fresh lease and handed back to be published again; a worker
+that claims it later is the only one to run it (``storage.ledger.claim``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from inferq.enums import RequestStatus
+from storage.models import Request
+
+DEADLINE_PASSED = "deadline passed before it ran"
+
+
+def take_lost(
+    session: Session,
+    now: datetime,
+    *,
+    queued_lease: timedelta,
+    running_lease: timedelta,
+    models: Collection[str],
+    limit: int,
+) -> list[Request]:
+    """Lock requests whose lease ran out, renew it, and return them to re-publish.
+
+    Only requests for ``models`` (those this reconciler's config knows how to send).
+    """
+    rows = list(
+        session.scalars(
+            select(Request)
+            .where(
+                Request.model.in_(models),
+                or_(
+                    and_(
+                        Request.status == RequestStatus.QUEUED,
+                        or_(
+                            Request.published_at.is_(None),
+                            Request.published_at < now - queued_lease,
+                        ),
+                    ),
+                    and_(
+                        Request.status == RequestStatus.RUNNING,
+                        Request.published_at < now - running_lease,
+                    ),
+                ),
+            )
+            .order_by(Request.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    for row in rows:
+        row.status, row.published_at = RequestStatus.QUEUED, now
+    return rows
+
+
+def expire_overdue(session: Session, now: datetime) -> set[uuid.UUID]:
+    """Queued requests past their deadline never run; return the jobs they belong to."""
+    rows = session.execute(
+        update(Request)
+        .where(
+            Request.status == RequestStatus.QUEUED,
+            Request.deadline_at.is_not(None),
+            Request.deadline_at <= now,
+        )
+        .values(status=RequestStatus.EXPIRED, finished_at=now, error=DEADLINE_PASSED)
+        .returning(Request.job_id)
+        .execution_options(synchronize_session=False)
+    )
+    return {job_id for job_id in rows.scalars() if job_id is not None}
+
+
+def forget_publish(session: Session, request_ids: list[uuid.UUID]) -> None:
+    """A publish failed: clear the lease so the reconciler sends them as soon as it can."""
+    session.execute(
+        update(Request)
+        .where(Request.id.in_(request_ids), Request.status == RequestStatus.QUEUED)
+        .values(published_at=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def renew(session: Session, request_ids: list[uuid.UUID], now: datetime) -> None:
+    """A live worker vouches for the requests it is running."""
+    session.execute(
+        update(Request)
+        .where(Request.id.in_(request_ids), Request.status == RequestStatus.RUNNING)
+        .values(published_at=now)
+        .execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,99 @@
+"""The requests a worker runs: claimed when their batch starts, vouched for while they run.
+
+A claimed request's lease (``published_at``) is renewed every third of ``running_lease`` until
+its result is committed. A worker that dies stops renewing; the reconciler then puts its
+requests back on their queues, so a kill -9 costs at most a lease, not a visibility timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from inferq.settings import Settings
+from storage.ledger import claim
+from storage.reconcile import renew
+
+log = logging.getLogger(__name__)
+
+_MAX_BACKOFF_S = 5.0
+
+
+class Leases:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        running_lease: timedelta = timedelta(seconds=20),
+        max_deliveries: int = 5,
+    ) -> None:
+        self._sessions = sessions
+        self._running_lease = running_lease
+        self._max_deliveries = max_deliveries
+        self._held: set[uuid.UUID] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="inferq-leases", daemon=True)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, sessions: sessionmaker[Session]) -> Leases:
+        return cls(
+            sessions,
+            running_lease=timedelta(seconds=settings.running_lease_s),
+            max_deliveries=settings.max_deliveries,
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(5.0)
+
+    def claim(self, request_ids: list[uuid.UUID], at: float) -> set[uuid.UUID]:
+        """Claim a batch (see ``storage.ledger.claim``), waiting out a database outage."""
+        backoff = 0.1
+        while True:
+            try:
+                with self._sessions.begin() as session:
+                    claimed = claim(
+                        session,
+                        request_ids,
+                        datetime.fromtimestamp(at, UTC),
+                        running_lease=self._running_lease,
+                        max_deliveries=self._max_deliveries,
+                    )
+                break
+            except DBAPIError:
+                if self._stopping.is_set():
+                    raise
+                log.warning("claiming a batch failed; retrying in %.1fs", backoff, exc_info=True)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        with self._lock:
+            self._held |= claimed
+        return claimed
+
+    def release(self, request_id: uuid.UUID) -> None:
+        """Its result is committed (or it was never claimed): stop vouching for it."""
+        with self._lock:
+            self._held.discard(request_id)
+
+    def _loop(self) -> None:
+        interval = self._running_lease.total_seconds() / 3
+        while not self._stopping.wait(interval):
+            with self._lock:
+                held = list(self._held)
+            if not held:
+                continue
+            try:
+                with self._sessions.begin() as session:
+                    renew(session, held, datetime.now(UTC))
+            except DBAPIError:  # the database is away; the lease is renewed when it is back
+                log.warning("renewing %d leases failed", len(held), exc_info=True)

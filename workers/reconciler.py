@@ -1,0 +1,111 @@
+"""The reconciler: Postgres is the truth, Redis the transport; this re-sends what was lost.
+
+Every ``reconcile_interval_s`` it expires queued requests past their deadline (closing their
+jobs) and re-publishes requests whose lease ran out (``storage.reconcile``): a lost or
+flushed Redis message, a worker killed mid-batch, an API that died between its commit and its
+publish. Messages are rebuilt from the rows, as the API built them. Reconcilers in several
+processes share the work: rows are taken with ``FOR UPDATE SKIP LOCKED``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from inferq.settings import Settings
+from router.config import RouterConfig
+from storage import reconcile
+from storage.events import close_finished_jobs
+from storage.models import Request, as_utc, utcnow
+from tasks.app import publish_by_model
+from tasks.contract import RunMessage
+from tasks.templates import SamplingIn, render
+from tasks.webhooks import publish_deliveries
+
+log = logging.getLogger(__name__)
+
+BATCH_LIMIT = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """What one pass did, for logs and tests."""
+
+    republished: int
+    expired: int
+
+
+class Reconciler:
+    def __init__(
+        self,
+        settings: Settings,
+        config: RouterConfig,
+        sessions: sessionmaker[Session],
+        celery: Celery,
+    ) -> None:
+        self._settings = settings
+        self._config = config
+        self._sessions = sessions
+        self._celery = celery
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="inferq-reconciler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(10.0)
+
+    def _loop(self) -> None:
+        while not self._stopping.wait(self._settings.reconcile_interval_s):
+            try:
+                done = self.run_once()
+            except Exception:  # Postgres or Redis is down: try again next time
+                log.warning("reconciling failed", exc_info=True)
+                continue
+            if done.republished or done.expired:
+                log.info("re-published %d requests, expired %d", done.republished, done.expired)
+
+    def run_once(self) -> Pass:
+        now = utcnow()
+        settings = self._settings
+        with self._sessions.begin() as session:
+            jobs = reconcile.expire_overdue(session, now)
+            deliveries = close_finished_jobs(session, jobs, now) if jobs else []
+        publish_deliveries(self._celery, deliveries)
+        with self._sessions.begin() as session:
+            lost = reconcile.take_lost(
+                session,
+                now,
+                queued_lease=timedelta(seconds=settings.queued_lease_s),
+                running_lease=timedelta(seconds=settings.running_lease_s),
+                models=list(self._config.models),
+                limit=BATCH_LIMIT,
+            )
+            messages = [_message(row) for row in lost]
+        if messages:
+            publish_by_model(self._celery, self._config, messages)
+        return Pass(republished=len(messages), expired=len(jobs))
+
+
+def _message(row: Request) -> RunMessage:
+    """The message the API sent for this request, rebuilt from what its row keeps."""
+    return RunMessage(
+        request_id=str(row.id),
+        tenant_id=str(row.tenant_id),
+        model=row.model,
+        task=row.task,
+        priority=row.priority,
+        engine_request=render(row.task, row.input, SamplingIn.model_validate(row.params)),
+        enqueued_at=as_utc(row.created_at).timestamp(),
+        deadline=as_utc(row.deadline_at).timestamp() if row.deadline_at else None,
+        job_id=str(row.job_id) if row.job_id else None,
+        webhook_url=row.webhook_url,
+        fallbacks=row.fallbacks or None,
+    )
