@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from celery import Celery
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,9 +23,12 @@ from inferq.quality.pool import (
     unit_hash,
 )
 from inferq.settings import Settings
+from router.config import RouterConfig
 from storage.eval_models import EvalCounter, EvalPoolItem
 from storage.models import Request
 from storage.tenants import create_tenant
+from tasks.contract import EngineRequest, RunMessage
+from workers.runtime import WorkerRuntime
 
 
 @dataclass(frozen=True)
@@ -268,3 +272,59 @@ def test_sampler_from_settings(sessions: sessionmaker[Session], tenant_id: uuid.
     assert slots[:5] == [0, 1, 2, 3, 4]
     assert all(0 <= slot < 5 for slot in slots)
     assert pool_size(sessions, TaskKind.EXTRACT) == 5
+
+
+def test_worker_samples_succeeded_requests_into_the_pool_as_it_commits(
+    settings: Settings, sessions: sessionmaker[Session], tenant_id: uuid.UUID, clean_pool: None
+) -> None:
+    """The real worker wiring: WorkerRuntime.create adds the sampler to the writer's commit."""
+    config = RouterConfig.model_validate(
+        {
+            "models": {"s": {"engine": "scripted", "path": "builtin:tiny"}},
+            "routes": [{"task": "*", "model": "s"}],
+        }
+    )
+    sampling = settings.model_copy(update={"eval_sample_share": 1.0, "eval_tenants": ["*"]})
+    runtime = WorkerRuntime.create(sampling, config, "s", sessions, Celery(set_as_current=False))
+    texts = ["mail me at jane.doe@example.com", "a plain product line"]
+    with sessions.begin() as session:
+        rows = [
+            Request(
+                tenant_id=tenant_id,
+                task=TaskKind.COMPLETE,
+                status=RequestStatus.QUEUED,
+                priority=Priority.BATCH,
+                model="s",
+                input={"prompt": text},
+                params={},
+            )
+            for text in texts
+        ]
+        session.add_all(rows)
+        session.flush()
+        ids = [row.id for row in rows]
+    runtime.start()
+    try:
+        futures = [
+            runtime.submit(
+                RunMessage(
+                    request_id=str(request_id),
+                    tenant_id=str(tenant_id),
+                    model="s",
+                    task=TaskKind.COMPLETE,
+                    priority=Priority.BATCH,
+                    engine_request=EngineRequest(prompt=text, max_tokens=8),
+                    enqueued_at=0.0,
+                )
+            )
+            for request_id, text in zip(ids, texts, strict=True)
+        ]
+        [future.result(timeout=60) for future in futures]
+    finally:
+        runtime.stop()
+    with sessions() as session:
+        pooled = session.scalars(select(EvalPoolItem).where(EvalPoolItem.request_id.in_(ids)))
+        inputs = sorted(str(item.input) for item in pooled)
+    assert len(inputs) == 2
+    assert "jane.doe@example.com" not in " ".join(inputs)
+    assert any("<EMAIL>" in text for text in inputs)

@@ -14,9 +14,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inferq.enums import Outcome
 from inferq.models import resolve_model_path
+from inferq.quality.pool import PoolSampler
 from inferq.settings import Settings
 from router.config import RouterConfig
 from router.health import ModelHealth
+from storage.ledger import Attempt
 from tasks.app import publish_by_model
 from tasks.contract import RunMessage
 from tasks.webhooks import publish_deliveries
@@ -92,6 +94,9 @@ class WorkerRuntime:
         )
         health = ModelHealth.create(settings, config.breaker)
         runtime.writer.add_commit_hook(BreakerHook(health, model))
+        pool = PoolSampler.from_settings(settings)
+        if pool is not None:
+            runtime.writer.add_transaction_hook(partial(_sample_succeeded, pool))
         return runtime
 
     @property
@@ -115,3 +120,12 @@ class WorkerRuntime:
         self.writer.stop()
         self.leases.stop()
         self.engine.close()
+
+
+def _sample_succeeded(
+    pool: PoolSampler, session: Session, attempts: list[Attempt], outcomes: list[Outcome]
+) -> None:
+    """Offer the batch's succeeded requests to the evaluation pool, in its transaction."""
+    pool.sample(
+        session, [a for a, o in zip(attempts, outcomes, strict=True) if o is Outcome.SUCCEEDED]
+    )

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 10.0
 
 CommitHook = Callable[[list[Attempt], list[Outcome]], None]
+TransactionHook = Callable[[Session, list[Attempt], list[Outcome]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,7 @@ class BatchWriter:
         # Requests that fell back, sent on to their next model's queue after the commit.
         self._publish_runs = publish_runs
         self._commit_hooks: list[CommitHook] = []
+        self._transaction_hooks: list[TransactionHook] = []
         self._jobs: queue.SimpleQueue[_Finished | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="inferq-writer", daemon=True)
@@ -65,6 +67,11 @@ class BatchWriter:
         """Call ``hook(attempts, outcomes)`` after each committed batch (metrics, say)."""
         self._commit_hooks.append(hook)
 
+    def add_transaction_hook(self, hook: TransactionHook) -> None:
+        """Call ``hook(session, attempts, outcomes)`` inside each batch's transaction, so what
+        it writes (evaluation samples, say) commits or rolls back with the results."""
+        self._transaction_hooks.append(hook)
+
     def finished(self, items: list[WorkItem], attempts: list[Attempt]) -> None:
         self._jobs.put(_Finished(items, attempts))
 
@@ -78,6 +85,8 @@ class BatchWriter:
             try:
                 with self._sessions.begin() as session:
                     outcomes = record_batch(session, job.attempts)
+                    for in_transaction in self._transaction_hooks:
+                        in_transaction(session, job.attempts, outcomes)
                     deliveries = _events(session, job, outcomes)
                 break
             except Exception:
