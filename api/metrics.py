@@ -25,11 +25,13 @@ from sqlalchemy.orm import Session
 
 from api.service import Services
 from inferq.enums import OPEN_STATUSES, RequestStatus
+from inferq.quality.report import RegressionCollector
 from storage.models import Request as RequestRow
 from storage.models import as_utc
 from tasks.queues import model_queue
 
 CACHE_TTL_S = 2.0
+EVAL_TTL_S = 30.0  # evaluation runs change weekly; the gauge need not be fresher
 
 router = APIRouter()
 
@@ -44,6 +46,7 @@ def install_metrics(app: FastAPI, *, ttl_s: float = CACHE_TTL_S) -> None:
     """Give the app its registry and route; services are looked up when a scrape comes."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(QueueCollector(lambda: app.state.services, ttl_s=ttl_s))
+    registry.register(RegressionCollector(lambda: app.state.services, ttl_s=EVAL_TTL_S))
     app.state.metrics_registry = registry
     app.include_router(router)
 

@@ -229,10 +229,11 @@ def webhooks(settings: Settings, loglevel: str) -> None:
 
 
 def _register_client_commands() -> None:
+    from inferq.cli_eval import eval_group
     from inferq.cli_jobs import jobs, results, submit
     from inferq.report import report
 
-    for command in (submit, jobs, results, report):
+    for command in (submit, jobs, results, report, eval_group):
         main.add_command(command)
 
 

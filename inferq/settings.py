@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from inferq.enums import TaskKind
+
 DEFAULT_CONFIG = Path(__file__).parent / "default_config.yaml"
 MEMORY_BROKER = "memory://localhost//"
 
@@ -96,6 +98,19 @@ class Settings(BaseSettings):
     eval_task_shares: dict[str, float] = Field(default_factory=dict)
     eval_window: int = Field(default=1000, gt=0)
     eval_tenants: list[str] = Field(default_factory=list)
+    # Evaluation runs (``inferq eval``): a replay waits at most ``eval_timeout_s``; a drop in a
+    # task kind's score beyond ``eval_threshold`` is a regression. The schedule (``inferq eval
+    # beat``, cron ``eval_cron``, weekly by default) runs each of ``eval_candidates`` against
+    # ``eval_reference`` (``pool``, ``gold`` or a model) on ``eval_tasks`` and posts
+    # ``eval.regression`` to ``eval_webhook_url``. Replays are submitted as ``eval_tenant``.
+    eval_timeout_s: float = Field(default=3600.0, gt=0)
+    eval_threshold: float = Field(default=0.02, ge=0, le=1)
+    eval_candidates: list[str] = Field(default_factory=list)
+    eval_reference: str = "pool"
+    eval_tasks: list[TaskKind] = Field(default_factory=lambda: [TaskKind.EXTRACT])
+    eval_cron: str = "0 3 * * 1"
+    eval_webhook_url: str = ""
+    eval_tenant: str = "inferq-eval"
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

@@ -20,9 +20,9 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -66,7 +66,7 @@ def ensure_tiny_model(models_dir: Path) -> Path:
     if _is_complete(target):
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(models_dir / f".{MODEL_NAME}.lock"):
+    with exclusive_lock(models_dir / f".{MODEL_NAME}.lock"):
         if _is_complete(target):
             return target
         # We hold the lock, so any temporary folder left here is from a crashed build.
@@ -92,34 +92,11 @@ def build_tiny_model(target: Path, *, seed: int = 0) -> None:
     The same ``seed`` gives the same tokenizer and weights. The marker file is written last:
     its presence is what :func:`ensure_tiny_model` takes as "complete".
     """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer(seed)
+    tokenizer = fit_tokenizer(_corpus(random.Random(seed)))
     tokenizer.save_pretrained(str(target))
-
-    special_ids = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        **special_ids,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    model.generation_config = GenerationConfig(**special_ids)
+    model = new_model(tokenizer, seed=seed).eval()
     model.save_pretrained(str(target), safe_serialization=True)
 
     marker = {
@@ -143,7 +120,7 @@ def _is_complete(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
+def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (blocking) for the duration of the block."""
     with open(path, "a+b") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
@@ -153,11 +130,12 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _train_tokenizer(seed: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on generated text and wrap it for transformers.
+def fit_tokenizer(lines: Iterable[str], *, vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """Fit a byte-level BPE to ``lines`` and wrap it for transformers, chat template on.
 
     Byte-level pre-tokenisation and decoding mean every string (any unicode, any bytes)
-    round-trips, and there is never an unknown token.
+    round-trips, and there is never an unknown token. The same lines in the same order give
+    the same merges. :mod:`inferq.quality.train` fits one to its product texts.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -166,15 +144,15 @@ def _train_tokenizer(seed: int) -> PreTrainedTokenizerFast:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_corpus(random.Random(seed)), trainer=trainer)
+    bpe.train_from_iterator(lines, trainer=trainer)
 
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=bpe,
         bos_token=BOS,
         eos_token=EOS,
@@ -187,6 +165,36 @@ def _train_tokenizer(seed: int) -> PreTrainedTokenizerFast:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def new_model(
+    tokenizer: PreTrainedTokenizerFast, *, seed: int, hidden: int = 128, layers: int = 2
+) -> Any:
+    """A randomly initialised ``LlamaForCausalLM`` sized for ``tokenizer``, in float32."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    special_ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        **special_ids,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)  # type: ignore[no-untyped-call,arg-type]
+    model.generation_config = GenerationConfig(**special_ids)  # type: ignore[no-untyped-call]
+    return model
 
 
 # --- the training corpus -------------------------------------------------------------------

@@ -14,10 +14,13 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
     Uuid,
 )
@@ -51,6 +54,8 @@ class EvalPoolItem(Base):
     # Replacements made while stripping, per kind: {"email": 1, "phone": 2}.
     pii_counts: Mapped[dict[str, Any]]
     slot: Mapped[int] = mapped_column(Integer)
+    # An imported correct answer (``inferq eval import-gold``); runs may score against it.
+    gold: Mapped[Any | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -67,6 +72,7 @@ class EvalRun(Base):
     """A candidate model scored against a reference on the pool of one task kind."""
 
     __tablename__ = "eval_runs"
+    __table_args__ = (Index("ix_eval_runs_task_created", "task", "created_at"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     candidate: Mapped[str] = mapped_column(String(200))
@@ -79,6 +85,10 @@ class EvalRun(Base):
     n: Mapped[int] = mapped_column(Integer, default=0)
     ci_low: Mapped[float | None] = mapped_column(Float)
     ci_high: Mapped[float | None] = mapped_column(Float)
+    # The run later runs of its task kind are compared with (``inferq eval baseline``).
+    baseline: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    error: Mapped[str | None] = mapped_column(Text)  # why a failed run failed
+    jobs: Mapped[dict[str, str] | None] = mapped_column(JSON)  # model -> replay job id
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
 

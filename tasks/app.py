@@ -12,6 +12,7 @@ from inferq.enums import Priority
 from inferq.settings import Settings
 from router.config import RouterConfig
 from tasks.contract import RUN_TASK_NAME, RunMessage
+from tasks.eval_schedule import register as register_eval
 from tasks.queues import FixedQueue, model_queue
 from tasks.webhooks import register as register_webhooks
 
@@ -68,6 +69,7 @@ def create_celery(settings: Settings, config: RouterConfig) -> InferqCelery:
         worker_hijack_root_logger=False,
     )
     register_webhooks(app)
+    register_eval(app, settings)
     return app
 
 

@@ -179,10 +179,19 @@ def workers(settings: Settings, log_dir: Path) -> Iterator[dict[str, Process]]:
     from inferq.tiny_model import ensure_tiny_model
 
     ensure_tiny_model(settings.model_cache)  # built once, before two processes want it
-    env = service_env(settings)
+    running = start_workers(service_env(settings), log_dir, ["tiny", "scripted"], tag="session")
+    yield running
+    for process in running.values():
+        stop(process)
+
+
+def start_workers(
+    env: dict[str, str], log_dir: Path, models: list[str], *, tag: str
+) -> dict[str, Process]:
+    """One `inferq worker` per model, once each has logged that it is ready."""
     running = {
-        model: start(f"worker-{model}", ["worker", "--model", model], env, log_dir)
-        for model in ("tiny", "scripted")
+        model: start(f"{tag}-worker-{model}", ["worker", "--model", model], env, log_dir)
+        for model in models
     }
 
     def ready() -> bool:
@@ -191,10 +200,8 @@ def workers(settings: Settings, log_dir: Path) -> Iterator[dict[str, Process]]:
                 pytest.fail(f"{process.name} exited:\n{process.tail()}")
         return all("ready." in p.log.read_text(errors="replace") for p in running.values())
 
-    wait_for(ready, timeout=START_TIMEOUT_S, what="workers to be ready")
-    yield running
-    for process in running.values():
-        stop(process)
+    wait_for(ready, timeout=START_TIMEOUT_S, what=f"{tag} workers to be ready")
+    return running
 
 
 @pytest.fixture(scope="session")

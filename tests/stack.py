@@ -10,6 +10,7 @@ import pytest
 
 from inferq.settings import Settings
 from tests.conftest import START_TIMEOUT_S, Process, free_port, service_env, start, wait_for
+from tests.conftest import start_workers as start_env_workers
 
 
 def own_settings(settings: Settings, config: Path) -> Settings:
@@ -37,18 +38,5 @@ def start_api(settings: Settings, log_dir: Path, name: str) -> tuple[Process, st
 def start_workers(
     settings: Settings, log_dir: Path, models: list[str], *, tag: str
 ) -> dict[str, Process]:
-    """One `inferq worker` per model, once each has logged that it is ready."""
-    env = service_env(settings)
-    running = {
-        model: start(f"{tag}-worker-{model}", ["worker", "--model", model], env, log_dir)
-        for model in models
-    }
-
-    def ready() -> bool:
-        for process in running.values():
-            if process.proc.poll() is not None:
-                pytest.fail(f"{process.name} exited:\n{process.tail()}")
-        return all("ready." in p.log.read_text(errors="replace") for p in running.values())
-
-    wait_for(ready, timeout=START_TIMEOUT_S, what=f"{tag} workers to be ready")
-    return running
+    """One `inferq worker` per model on these settings, once each is ready."""
+    return start_env_workers(service_env(settings), log_dir, models, tag=tag)

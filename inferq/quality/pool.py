@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -203,3 +203,33 @@ class PoolSampler:
         return sample_succeeded(
             session, rows, policy=self.policy, stripper=self._stripper, rng=self._rng
         )
+
+
+def add_known(
+    session: Session,
+    tenant_id: uuid.UUID,
+    task: TaskKind,
+    items: Sequence[tuple[Any, Any]],
+) -> list[EvalPoolItem]:
+    """Put (input, correct output) pairs straight into the pool, in the slots after the last.
+
+    For benchmarks and tests that need a pool with known answers and no production traffic;
+    the reservoir's counter is left alone, and nothing is stripped.
+    """
+    last = session.scalar(select(func.max(EvalPoolItem.slot)).where(EvalPoolItem.task == task))
+    first = -1 if last is None else last
+    rows = [
+        EvalPoolItem(
+            task=task,
+            tenant_id=tenant_id,
+            request_id=uuid.uuid4(),
+            input=given,
+            output=output,
+            pii_counts={},
+            slot=first + offset,
+        )
+        for offset, (given, output) in enumerate(items, start=1)
+    ]
+    session.add_all(rows)
+    session.flush()
+    return rows

@@ -197,3 +197,95 @@ def bootstrap_interval(
 def _same_length(candidates: Sequence[Any], references: Sequence[Any]) -> None:
     if len(candidates) != len(references):
         raise ValueError(f"{len(candidates)} candidates for {len(references)} references")
+
+
+# --- one task kind's run: its headline number, interval and details ------------------------
+
+NO_ANSWER = "<no answer>"  # a failed candidate's label in the confusion table
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """What a run stores: the headline metric with its 95 % interval, and the details."""
+
+    metric: str
+    value: float
+    ci: tuple[float, float]
+    n: int
+    scores: dict[str, Any]
+    # Aligned with the inputs; None where the item had no reference answer and was skipped.
+    per_item: list[float | None]
+
+
+def score_task(
+    task: str,
+    inputs: Sequence[Mapping[str, Any]],
+    candidates: Sequence[Any],
+    references: Sequence[Any],
+) -> Scored:
+    """Score one task kind's answers; None candidates failed, None references are skipped.
+
+    The headline metric: ``classify`` accuracy (Wilson interval), ``extract`` the mean share
+    of fields right per item ("field accuracy"), ``expand`` the mean lexical similarity (both
+    with a seeded bootstrap interval of the mean).
+    """
+    _same_length(candidates, references)
+    keep = [i for i, ref in enumerate(references) if ref is not None]
+    if not keep:
+        raise ValueError("no item has a reference answer to score against")
+    cands = [candidates[i] for i in keep]
+    refs = [references[i] for i in keep]
+    scorer = {"extract": _score_extract, "classify": _score_classify, "expand": _score_expand}
+    if task not in scorer:
+        raise ValueError(f"task kind {task!r} has no scorer")
+    metric, value, ci, details, kept_scores = scorer[task]([inputs[i] for i in keep], cands, refs)
+    per_item: list[float | None] = [None] * len(references)
+    for index, score in zip(keep, kept_scores, strict=True):
+        per_item[index] = score
+    scores = {
+        "metric": metric,
+        "value": value,
+        "failed": sum(1 for c in cands if c is None),
+        "skipped": len(references) - len(keep),
+        **details,
+    }
+    return Scored(metric, value, ci, len(keep), scores, per_item)
+
+
+_Result = tuple[str, float, tuple[float, float], dict[str, Any], list[float]]
+
+
+def _score_extract(
+    inputs: Sequence[Mapping[str, Any]], cands: list[Any], refs: list[Any]
+) -> _Result:
+    valid = [
+        isinstance(c, Mapping) and Draft202012Validator(dict(i.get("schema") or {})).is_valid(c)
+        for i, c in zip(inputs, cands, strict=True)
+    ]
+    s = extract_scores([c if ok else None for c, ok in zip(cands, valid, strict=True)], refs)
+    value = sum(s.per_item) / s.n
+    details = {
+        "field_exact": s.field_exact,
+        "all_fields_exact": s.all_fields_exact,
+        "precision": s.precision,
+        "recall": s.recall,
+        "f1": s.f1,
+        "schema_valid": sum(valid) / s.n,
+    }
+    return "field_accuracy", value, bootstrap_interval(s.per_item), details, s.per_item
+
+
+def _score_classify(_: Sequence[Mapping[str, Any]], cands: list[Any], refs: list[Any]) -> _Result:
+    labels = [c if isinstance(c, str) else NO_ANSWER for c in cands]
+    s = classify_scores(labels, [str(r) for r in refs])
+    per_item = [float(c == r) for c, r in zip(labels, refs, strict=True)]
+    details = {"correct": s.correct, "confusion": s.confusion}
+    return "accuracy", s.accuracy, wilson_interval(s.correct, s.n), details, per_item
+
+
+def _score_expand(_: Sequence[Mapping[str, Any]], cands: list[Any], refs: list[Any]) -> _Result:
+    variants = [[str(v) for v in c] if isinstance(c, list) else [] for c in cands]
+    texts = [" ".join(map(str, r)) if isinstance(r, list) else str(r) for r in refs]
+    s = expand_scores(variants, texts)
+    details = {"duplicate_rate": s.duplicate_rate}
+    return "similarity", s.similarity, bootstrap_interval(s.per_item), details, s.per_item

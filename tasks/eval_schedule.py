@@ -1,0 +1,71 @@
+"""The scheduled evaluation: a Celery beat entry and the task it sends to the maintenance queue.
+
+``inferq eval beat`` runs the schedule (cron ``INFERQ_EVAL_CRON``, Mondays 03:00 by default);
+any ``inferq worker`` runs the task, since every worker consumes the maintenance queue. The
+task is acknowledged on receipt, not late: a run takes longer than the broker's visibility
+timeout may allow, and a redelivered message would start a second run. A run lost with its
+worker is simply taken again at the next date.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from celery.schedules import crontab
+
+from tasks.queues import FixedQueue
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from inferq.settings import Settings
+
+EVAL_TASK = "inferq.eval.scheduled"
+ENTRY = "inferq-eval"
+
+
+def parse_cron(expr: str) -> crontab:
+    """Five cron fields (minute hour day-of-month month day-of-week) as a Celery crontab."""
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"INFERQ_EVAL_CRON {expr!r}: expected 5 fields "
+            "(minute hour day-of-month month day-of-week)"
+        )
+    minute, hour, day_of_month, month, day_of_week = fields
+    try:
+        return crontab(
+            minute=minute,
+            hour=hour,
+            day_of_month=day_of_month,
+            month_of_year=month,
+            day_of_week=day_of_week,
+        )
+    except ValueError as exc:
+        raise ValueError(f"INFERQ_EVAL_CRON {expr!r}: {exc}") from exc
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The beat entry for these settings (Celery's ``beat_schedule`` format)."""
+    return {
+        ENTRY: {
+            "task": EVAL_TASK,
+            "schedule": parse_cron(settings.eval_cron),
+            "options": {"queue": FixedQueue.MAINTENANCE.value},
+        }
+    }
+
+
+def register(app: Celery, settings: Settings) -> None:
+    """Register the scheduled task on ``app`` (called by ``tasks.app.create_celery``)."""
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name=EVAL_TASK,
+        queue=FixedQueue.MAINTENANCE.value,
+        acks_late=False,
+        ignore_result=True,
+    )
+    def scheduled_eval() -> None:
+        from inferq.quality.runs import run_scheduled
+
+        run_scheduled(settings)
