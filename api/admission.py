@@ -139,6 +139,9 @@ class Admitter:
         upload = self._upload(source)
         if upload.cursor != source.cursor:  # another process admitted some: re-read its ids
             upload.first_seen, upload.cursor = _first_seen(session, job.id), source.cursor
+        # Until this chunk commits: if it fails (the database went away), the ids it adds to
+        # first_seen are re-read from the rows, not kept and taken for duplicates next time.
+        upload.cursor = -1
         settings = self._services.settings
         size = settings.admission_chunk_lines if source.cursor else settings.admission_first_chunk
         chunk = (

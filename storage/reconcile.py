@@ -91,10 +91,19 @@ def forget_publish(session: Session, request_ids: list[uuid.UUID]) -> None:
 
 
 def renew(session: Session, request_ids: list[uuid.UUID], now: datetime) -> None:
-    """A live worker vouches for the requests it is running."""
+    """A live worker vouches for the requests it is running.
+
+    Rows another transaction holds (the writer committing their results) are skipped, not
+    waited on: waiting on them in arbitrary order deadlocked with the writer's batch lock.
+    """
+    held = (
+        select(Request.id)
+        .where(Request.id.in_(request_ids), Request.status == RequestStatus.RUNNING)
+        .with_for_update(skip_locked=True)
+    )
     session.execute(
         update(Request)
-        .where(Request.id.in_(request_ids), Request.status == RequestStatus.RUNNING)
+        .where(Request.id.in_(held.scalar_subquery()))
         .values(published_at=now)
         .execution_options(synchronize_session=False)
     )

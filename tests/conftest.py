@@ -24,10 +24,13 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from inferq.enums import Priority, TaskKind
 from inferq.settings import Settings
 from storage.db import make_engine, make_sessionmaker, normalise_url
 from storage.migrate import upgrade
+from storage.models import Request
 from storage.tenants import create_tenant
+from tasks.contract import EngineRequest, RunMessage
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = Path(__file__).parent / "config.yaml"
@@ -230,3 +233,17 @@ def client(api_url: str, api_key: str) -> Iterator[httpx.Client]:
         base_url=api_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=60
     ) as http:
         yield http
+
+
+def message_for(row: Request, *, max_tokens: int = 8) -> RunMessage:
+    """The message the API would publish for a committed ``complete`` request row."""
+    return RunMessage(
+        request_id=str(row.id),
+        tenant_id=str(row.tenant_id),
+        model=row.model,
+        task=TaskKind.COMPLETE,
+        priority=Priority.BATCH,
+        engine_request=EngineRequest(prompt=row.input["prompt"], max_tokens=max_tokens),
+        enqueued_at=time.time(),
+        fallbacks=row.fallbacks,
+    )

@@ -28,7 +28,7 @@ from storage.models import LedgerEntry, Request, Tenant
 from tasks.app import create_celery, publish
 from tasks.contract import EngineRequest, RunMessage
 from tasks.queues import model_queue
-from tests.conftest import stop, wait_for
+from tests.conftest import message_for, stop, wait_for
 from tests.stack import own_settings, start_api, start_workers
 from workers.engines.scripted import Rule, ScriptedEngine
 from workers.runtime import WorkerRuntime
@@ -305,19 +305,7 @@ def test_a_wedged_engine_times_out_what_follows_and_hands_it_on(
         ]
         session.add_all(rows)
         session.flush()
-        messages = [
-            RunMessage(
-                request_id=str(row.id),
-                tenant_id=str(tenant.id),
-                model="w",
-                task=TaskKind.COMPLETE,
-                priority=Priority.BATCH,
-                engine_request=EngineRequest(prompt=row.input["prompt"], max_tokens=4),
-                enqueued_at=time.time(),
-                fallbacks=["next"],
-            )
-            for row in rows
-        ]
+        messages = [message_for(row, max_tokens=4) for row in rows]
     sent: list[RunMessage] = []
     engine = ScriptedEngine(rules=[Rule(match="HANG", hang=True)])
     runtime = WorkerRuntime(
