@@ -61,6 +61,7 @@ def claim(
     *,
     running_lease: timedelta,
     max_deliveries: int,
+    worker: str | None = None,
 ) -> set[uuid.UUID]:
     """Mark a batch's requests running and return those to run.
 
@@ -94,6 +95,7 @@ def claim(
             started_at=at,
             published_at=at,
             deliveries=Request.deliveries + 1,
+            claimed_by=worker,
         )
         .returning(Request.id, Request.deliveries)
         .execution_options(synchronize_session=False)

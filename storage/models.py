@@ -160,6 +160,8 @@ class Request(Base):
     fallbacks: Mapped[list[str] | None] = mapped_column(JSON)
     fallback_reason: Mapped[str | None] = mapped_column(Text)
     first_model: Mapped[str | None] = mapped_column(String(200))
+    # The worker that last claimed it (``model@host:pid``): who holds it while it runs.
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
 
 
 class JobSource(Base):

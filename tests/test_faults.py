@@ -287,6 +287,8 @@ def test_same_message_delivered_twice_runs_once(
     )
     assert figures.by_status == {"succeeded": JOB_SIZE}
     assert figures.duplicate_results == 0
+    assert figures.duplicate_executions == 0  # the second copy is settled unrun
+    assert claims == JOB_SIZE
 
 
 def test_redis_killed_mid_job_and_restarted_empty(
@@ -420,13 +422,18 @@ def vllm_stack(tmp_path: Path) -> Iterator[tuple[Stack, sessionmaker[Session]]]:
     postgres.remove()
 
 
-def held_rows(db: sessionmaker[Session], tenant: Tenant) -> dict[uuid.UUID, int]:
-    """Running requests and their delivery counts: what the workers hold mid-batch."""
+def held_by(db: sessionmaker[Session], tenant: Tenant) -> dict[int, dict[uuid.UUID, int]]:
+    """Running requests and their delivery counts, by the pid of the worker holding them
+    (``claimed_by`` is ``model@host:pid``)."""
     with db() as session:
-        query = select(Request.id, Request.deliveries).where(
+        query = select(Request.id, Request.deliveries, Request.claimed_by).where(
             Request.tenant_id == tenant.id, Request.status == RequestStatus.RUNNING
         )
-        return {request_id: deliveries for request_id, deliveries in session.execute(query)}
+        held: dict[int, dict[uuid.UUID, int]] = {}
+        for request_id, deliveries, worker in session.execute(query):
+            pid = int(str(worker).rsplit(":", 1)[-1])
+            held.setdefault(pid, {})[request_id] = deliveries
+        return held
 
 
 def reclaimed(db: sessionmaker[Session], held: dict[uuid.UUID, int]) -> int | None:
@@ -444,27 +451,20 @@ def reclaimed(db: sessionmaker[Session], held: dict[uuid.UUID, int]) -> int | No
     return None if waiting else again
 
 
-def batches_in_flight(db: sessionmaker[Session], tenant: Tenant) -> int:
-    """A claim stamps its whole batch with one ``started_at``, and a worker runs one batch
-    at a time: distinct stamps among running requests count the workers mid-batch."""
-    with db() as session:
-        query = select(func.count(func.distinct(Request.started_at))).where(
-            Request.tenant_id == tenant.id, Request.status == RequestStatus.RUNNING
-        )
-        return int(session.scalar(query) or 0)
-
-
 def kill_mid_batch(stack: Stack, db: sessionmaker[Session], tenant: Tenant) -> tuple[float, int]:
-    """Kill -9 the oldest live worker while every live worker holds a batch; return the
-    seconds until its requests were claimed again, and how many it held."""
-    live = [p for p in stack.processes if "tiny" in p.name and is_ready(p)]
-    wait_for(
-        lambda: batches_in_flight(db, tenant) >= len(live),
-        timeout=120,
-        what=f"all {len(live)} workers mid-batch",
-    )
-    held = held_rows(db, tenant)
-    killed_at = kill9(live[0])
+    """Kill -9 a live worker while it holds a batch; return the seconds until the requests it
+    held were claimed again, and how many it held."""
+    live = {p.proc.pid: p for p in stack.processes if "tiny" in p.name and is_ready(p)}
+    busy: dict[int, dict[uuid.UUID, int]] = {}
+
+    def a_worker_mid_batch() -> bool:
+        busy.clear()
+        busy.update({pid: rows for pid, rows in held_by(db, tenant).items() if pid in live})
+        return bool(busy)
+
+    wait_for(a_worker_mid_batch, timeout=120, what="a live worker mid-batch")
+    pid, held = next(iter(busy.items()))
+    killed_at = kill9(live[pid])
     redelivery_s = seconds_until(
         lambda: reclaimed(db, held) is not None,
         since=killed_at,

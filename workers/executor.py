@@ -70,11 +70,14 @@ class BatchExecutor:
 
     @staticmethod
     def _drop_unclaimed(batch: list[WorkItem], claimed: set[uuid.UUID]) -> list[WorkItem]:
-        """Requests no longer open (cancelled, expired, finished) are settled unrun."""
+        """Requests no longer open (cancelled, expired, finished) are settled unrun, and so
+        is a second copy of a message within the batch (a broker redelivery)."""
         kept = []
         for item in batch:
-            if uuid.UUID(item.message.request_id) in claimed:
+            request_id = uuid.UUID(item.message.request_id)
+            if request_id in claimed:
                 kept.append(item)
+                claimed.discard(request_id)
             else:
                 item.future.set_result(Outcome.CANCELLED)
         return kept

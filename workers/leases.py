@@ -32,8 +32,10 @@ class Leases:
         *,
         running_lease: timedelta = timedelta(seconds=20),
         max_deliveries: int = 5,
+        worker: str | None = None,
     ) -> None:
         self._sessions = sessions
+        self._worker = worker
         self._running_lease = running_lease
         self._max_deliveries = max_deliveries
         self._held: set[uuid.UUID] = set()
@@ -42,11 +44,14 @@ class Leases:
         self._thread = threading.Thread(target=self._loop, name="inferq-leases", daemon=True)
 
     @classmethod
-    def from_settings(cls, settings: Settings, sessions: sessionmaker[Session]) -> Leases:
+    def from_settings(
+        cls, settings: Settings, sessions: sessionmaker[Session], *, worker: str
+    ) -> Leases:
         return cls(
             sessions,
             running_lease=timedelta(seconds=settings.running_lease_s),
             max_deliveries=settings.max_deliveries,
+            worker=worker,
         )
 
     def start(self) -> None:
@@ -68,6 +73,7 @@ class Leases:
                         datetime.fromtimestamp(at, UTC),
                         running_lease=self._running_lease,
                         max_deliveries=self._max_deliveries,
+                        worker=self._worker,
                     )
                 break
             except DBAPIError:

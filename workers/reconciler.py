@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,6 +31,7 @@ from tasks.webhooks import publish_deliveries
 log = logging.getLogger(__name__)
 
 BATCH_LIMIT = 5000
+_NEVER = timedelta(days=365 * 100)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,10 @@ class Reconciler:
         self._celery = celery
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="inferq-reconciler", daemon=True)
+        # After an outage, workers get one lease to renew before their work counts as orphaned:
+        # they could not renew while the database was away.
+        self._in_outage = False
+        self._grace_until = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -68,6 +74,7 @@ class Reconciler:
                 done = self.run_once()
             except Exception:  # Postgres or Redis is down: try again next time
                 log.warning("reconciling failed", exc_info=True)
+                self._in_outage = True
                 continue
             if done.republished or done.expired:
                 log.info("re-published %d requests, expired %d", done.republished, done.expired)
@@ -75,6 +82,12 @@ class Reconciler:
     def run_once(self) -> Pass:
         now = utcnow()
         settings = self._settings
+        if self._in_outage:
+            self._in_outage = False
+            self._grace_until = time.monotonic() + settings.running_lease_s
+        running_lease = timedelta(seconds=settings.running_lease_s)
+        if time.monotonic() < self._grace_until:
+            running_lease = _NEVER
         with self._sessions.begin() as session:
             jobs = reconcile.expire_overdue(session, now)
             deliveries = close_finished_jobs(session, jobs, now) if jobs else []
@@ -84,7 +97,7 @@ class Reconciler:
                 session,
                 now,
                 queued_lease=timedelta(seconds=settings.queued_lease_s),
-                running_lease=timedelta(seconds=settings.running_lease_s),
+                running_lease=running_lease,
                 models=list(self._config.models),
                 limit=BATCH_LIMIT,
             )

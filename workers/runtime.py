@@ -90,7 +90,7 @@ class WorkerRuntime:
             worker_name=name,
             publish_deliveries=partial(publish_deliveries, celery),
             publish_runs=partial(publish_by_model, celery, config),
-            leases=Leases.from_settings(settings, sessions),
+            leases=Leases.from_settings(settings, sessions, worker=name),
         )
         health = ModelHealth.create(settings, config.breaker)
         runtime.writer.add_commit_hook(BreakerHook(health, model))
