@@ -92,6 +92,17 @@ class Admitter:
         """A job was stored: look for work now rather than at the next idle tick."""
         self._wake.set()
 
+    def admit_first(self, job_id: uuid.UUID, content: bytes) -> None:
+        """Admit a just-stored job's first chunk on the caller's thread, from the upload in
+        hand (not read back), so its first results are on their way before the answer; the
+        thread takes the rest."""
+        self._uploads.setdefault(job_id, _Upload(content))
+        try:
+            self.admit_chunk(job_id)
+        except Exception:  # the thread retries from the cursor
+            log.exception("admitting the first chunk of job %s failed", job_id)
+        self.wake()
+
     def _loop(self) -> None:
         while not self._stopping.is_set():
             progressed = False

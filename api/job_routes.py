@@ -35,7 +35,7 @@ async def post_job(request: Request, tenant: Caller) -> JobPublic:
     spec, data = await _read_upload(request, services)
     job, _errors = await run_in_threadpool(create_job, services, tenant.id, spec, data)
     if job.status is JobStatus.VALIDATING:
-        request.app.state.admitter.wake()
+        await run_in_threadpool(request.app.state.admitter.admit_first, job.id, data)
     return await run_in_threadpool(_public, services, tenant.id, job.id)
 
 

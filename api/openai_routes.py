@@ -74,7 +74,10 @@ def get_file_content(request: Request, tenant: Caller, file_id: str) -> Streamin
 
 @router.post("/v1/batches")
 def create_batch(request: Request, tenant: Caller, body: BatchCreate) -> BatchObject:
-    return batches.create_batch(services_of(request), tenant.id, body)
+    batch = batches.create_batch(services_of(request), tenant.id, body)
+    if batch.status == "validating":
+        request.app.state.admitter.wake()
+    return batch
 
 
 @router.get("/v1/batches")
