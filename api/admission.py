@@ -134,9 +134,9 @@ class Admitter:
                 return False
             job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
             assert job is not None
-            if job.cancelled_at is None and _waiting(session, job_id) >= _max_open(services):
-                return False
             if job.cancelled_at is None:
+                if _waiting(session, job_id) >= services.settings.admission_max_open:
+                    return False  # enough of it waits already: admit more as it drains
                 fresh = self._admit(session, job, source)
             done = job.cancelled_at is not None or source.cursor >= len(self._upload(source).lines)
             if done:
@@ -208,10 +208,6 @@ class Admitter:
         with services.sessions.begin() as session:
             deliveries = close_finished_jobs(session, [job_id], utcnow())
         publish_deliveries(services.celery, deliveries)
-
-
-def _max_open(services: Services) -> int:
-    return services.settings.admission_max_open
 
 
 def _waiting(session: Session, job_id: uuid.UUID) -> int:

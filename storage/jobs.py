@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from inferq.enums import JobStatus, RequestStatus
 from storage.models import Job, JobError, Request, as_utc, utcnow
+from storage.reconcile import DEADLINE_PASSED
 
 RESULT_CHUNK = 1000
 
@@ -83,7 +84,7 @@ def expire_overdue(session: Session, job: Job, at: datetime) -> int:
     result = session.execute(
         update(Request)
         .where(Request.job_id == job.id, Request.status == RequestStatus.QUEUED)
-        .values(status=RequestStatus.EXPIRED, finished_at=at, error="deadline passed before it ran")
+        .values(status=RequestStatus.EXPIRED, finished_at=at, error=DEADLINE_PASSED)
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]

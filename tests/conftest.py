@@ -210,21 +210,32 @@ def start_workers(
 @pytest.fixture(scope="session")
 def api_url(settings: Settings, log_dir: Path, workers: dict[str, Process]) -> Iterator[str]:
     """`inferq api` as a real process on a free port."""
+    process, url = start_api(service_env(settings), log_dir, "api")
+    yield url
+    stop(process)
+
+
+def start_api(env: dict[str, str], log_dir: Path, name: str) -> tuple[Process, str]:
+    """`inferq api` on a free port, once it answers /healthz."""
     port = free_port()
-    process = start("api", ["api", "--port", str(port)], service_env(settings), log_dir)
+    process = start(name, ["api", "--port", str(port)], env, log_dir)
     url = f"http://127.0.0.1:{port}"
+    wait_healthy(process, url)
+    return process, url
+
+
+def wait_healthy(process: Process, url: str) -> None:
+    """Wait until an `inferq api` answers /healthz; fail with its log if it exits."""
 
     def healthy() -> bool:
         if process.proc.poll() is not None:
-            pytest.fail(f"api exited:\n{process.tail()}")
+            pytest.fail(f"{process.name} exited:\n{process.tail()}")
         try:
             return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
-    wait_for(healthy, timeout=START_TIMEOUT_S, what="the API to answer /healthz")
-    yield url
-    stop(process)
+    wait_for(healthy, timeout=START_TIMEOUT_S, what=f"{process.name} to answer /healthz")
 
 
 @pytest.fixture

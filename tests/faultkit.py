@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 from sqlalchemy import func, select
@@ -29,7 +28,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from inferq.enums import OPEN_STATUSES, Outcome, RequestStatus
 from inferq.settings import Settings
 from storage.models import LedgerEntry, Request
-from tests.conftest import MODELS_DIR, ROOT, Process, free_port, service_env, start, wait_for
+from tests.conftest import (
+    MODELS_DIR,
+    ROOT,
+    Process,
+    free_port,
+    service_env,
+    start,
+    wait_for,
+    wait_healthy,
+)
 
 START_TIMEOUT_S = 240.0
 DRAIN_TIMEOUT_S = 240.0
@@ -174,16 +182,7 @@ class Stack:
         port = free_port()
         process = self.launch("api", ["api", "--port", str(port)])
         url = f"http://127.0.0.1:{port}"
-
-        def healthy() -> bool:
-            if process.proc.poll() is not None:
-                pytest.fail(f"{process.name} exited:\n{process.tail()}")
-            try:
-                return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, timeout=START_TIMEOUT_S, what=f"{process.name} to answer /healthz")
+        wait_healthy(process, url)
         self.url = url
         return process, url
 

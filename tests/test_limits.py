@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from inferq.settings import Settings
 from storage.models import ApiKey, Job, Request
 from storage.tenants import hash_key
-from tests.conftest import START_TIMEOUT_S, free_port, service_env, start, stop, wait_for
+from tests.conftest import service_env, start_api, stop
 
 MAX_BODY = 20_000
 MAX_TOKENS = 8
@@ -38,19 +38,7 @@ def strict_url(settings: Settings, log_dir: Path) -> Iterator[str]:
         INFERQ_MAX_N=str(MAX_N),
         INFERQ_RECONCILER="false",
     )
-    port = free_port()
-    process = start("api-strict", ["api", "--port", str(port)], env, log_dir)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if process.proc.poll() is not None:
-            pytest.fail(f"api-strict exited:\n{process.tail()}")
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(healthy, timeout=START_TIMEOUT_S, what="the strict API to answer /healthz")
+    process, url = start_api(env, log_dir, "api-strict")
     yield url
     stop(process)
 
