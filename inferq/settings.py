@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = 5.0
     max_deliveries: int = 5
     reconciler: bool = True
+    # A continuous engine holding requests that returns no step for this long is wedged:
+    # the worker exits non-zero (its supervisor restarts it; the reconciler re-runs its work).
+    engine_stall_s: float = Field(default=60.0, gt=0)
     # Backpressure (429 with Retry-After): requests waiting per model, a tenant's requests in
     # flight, and a tenant's prompt tokens per minute (0: unlimited). See api/limits.py.
     max_queued_per_model: int = 100_000

@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from inferq.enums import JobStatus, RequestStatus
+from inferq.enums import OPEN_STATUSES, JobStatus, RequestStatus
 from storage.models import Job, JobError, Request, as_utc, utcnow
 from storage.reconcile import DEADLINE_PASSED
 
@@ -65,12 +65,13 @@ def progress(session: Session, job: Job) -> Progress:
 
 
 def cancel(session: Session, job: Job, at: datetime) -> int:
-    """Cancel what has not started; running batches finish. Returns how many were cancelled."""
+    """Cancel what has not finished; a worker running one of them aborts it (a continuous
+    engine at its next step; a static batch runs to its end). Returns how many were cancelled."""
     if job.cancelled_at is None:
         job.cancelled_at = at
     result = session.execute(
         update(Request)
-        .where(Request.job_id == job.id, Request.status == RequestStatus.QUEUED)
+        .where(Request.job_id == job.id, Request.status.in_(OPEN_STATUSES))
         .values(status=RequestStatus.CANCELLED, finished_at=at)
         .execution_options(synchronize_session=False)
     )

@@ -48,6 +48,9 @@ class Attempt:
     fallbacks: tuple[str, ...] = ()
     # Set when the model itself is next in ``fallbacks``: a retry, published after this delay.
     retry_in_s: float | None = None
+    # Seconds from the request's creation (its commit) to its first token leaving the worker:
+    # the time to first token the client sees, queue included (``ttft_s`` is the engine's).
+    client_ttft_s: float | None = None
 
     @property
     def falls_back(self) -> bool:
@@ -125,15 +128,14 @@ def record_batch(session: Session, attempts: Sequence[Attempt]) -> list[Outcome]
     the reason appended to ``fallback_reason``, and the caller publishes it after the commit.
     """
     ids = [a.request_id for a in attempts]
-    closed = set(
-        session.scalars(
-            select(Request.id)
-            .where(Request.id.in_(ids), Request.status.not_in(OPEN_STATUSES))
-            .with_for_update()
-        )
+    rows = session.execute(
+        select(Request.id, Request.status)
+        .where(Request.id.in_(ids), Request.status.not_in(OPEN_STATUSES))
+        .with_for_update()
     )
+    closed = {request_id: status for request_id, status in rows}
     outcomes = _outcomes(attempts, closed)
-    fresh = [a for a, o in zip(attempts, outcomes, strict=True) if o is not Outcome.DUPLICATE]
+    fresh = [a for a, o in zip(attempts, outcomes, strict=True) if o in _RESULTS]
     results = [a for a in fresh if not a.falls_back]
     if results:
         session.execute(_RESULT_UPDATE, [_result_params(a) for a in results])
@@ -147,18 +149,25 @@ def record_batch(session: Session, attempts: Sequence[Attempt]) -> list[Outcome]
     return outcomes
 
 
-def _outcomes(attempts: Sequence[Attempt], closed: set[uuid.UUID]) -> list[Outcome]:
+def _outcomes(
+    attempts: Sequence[Attempt], closed: dict[uuid.UUID, RequestStatus]
+) -> list[Outcome]:
     """First attempt wins: one at a request already closed, or already attempted earlier in
-    this batch (the same message delivered twice and batched together), is a duplicate."""
+    this batch (the same message delivered twice and batched together), is a duplicate; one
+    at a request cancelled (or expired) while it ran is charged to that."""
     seen = set(closed)
     outcomes = []
     for a in attempts:
-        if a.request_id in seen:
-            outcomes.append(Outcome.DUPLICATE)
-        else:
+        if a.request_id not in seen:
             outcomes.append(Outcome.SUCCEEDED if a.succeeded else Outcome.FAILED)
+        else:
+            outcomes.append(_STOPPED.get(closed.get(a.request_id), Outcome.DUPLICATE))
         seen.add(a.request_id)
     return outcomes
+
+
+_RESULTS = (Outcome.SUCCEEDED, Outcome.FAILED)  # the attempts that set a request's result
+_STOPPED = {RequestStatus.CANCELLED: Outcome.CANCELLED, RequestStatus.EXPIRED: Outcome.TIMED_OUT}
 
 
 # A Core statement on the table: executemany with one parameter set per request.
@@ -247,6 +256,7 @@ def _ledger_row(a: Attempt, outcome: Outcome) -> dict[str, Any]:
         "queue_wait_s": a.queue_wait_s,
         "engine_s": a.engine_s,
         "ttft_s": a.ttft_s,
+        "client_ttft_s": a.client_ttft_s,
         "gpu_seconds": a.gpu_seconds,
         "cost": a.cost,
         "outcome": Outcome.TIMED_OUT if a.timed_out and outcome is Outcome.FAILED else outcome,

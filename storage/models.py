@@ -202,7 +202,9 @@ class LedgerEntry(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     queue_wait_s: Mapped[float] = mapped_column(Float)
     engine_s: Mapped[float] = mapped_column(Float)
-    ttft_s: Mapped[float | None] = mapped_column(Float)
+    ttft_s: Mapped[float | None] = mapped_column(Float)  # the engine's own figure
+    # From the request's commit to its first token leaving the worker: what the client waits.
+    client_ttft_s: Mapped[float | None] = mapped_column(Float)
     gpu_seconds: Mapped[float] = mapped_column(Float)
     cost: Mapped[float] = mapped_column(Float)
     outcome: Mapped[Outcome] = mapped_column(_enum(Outcome, "outcome"))

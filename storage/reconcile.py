@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from inferq.enums import RequestStatus
+from inferq.enums import OPEN_STATUSES, RequestStatus
 from storage.models import Request
 
 DEADLINE_PASSED = "deadline passed before it ran"
@@ -78,6 +78,30 @@ def expire_overdue(session: Session, now: datetime) -> set[uuid.UUID]:
         .execution_options(synchronize_session=False)
     )
     return {job_id for job_id in rows.scalars() if job_id is not None}
+
+
+def stopped_among(
+    session: Session, request_ids: list[uuid.UUID], now: datetime
+) -> dict[uuid.UUID, RequestStatus]:
+    """Of the requests a worker is running, those it should abort: cancelled, finished
+    elsewhere, or past their deadline (expired here, in the same transaction)."""
+    session.execute(
+        update(Request)
+        .where(
+            Request.id.in_(request_ids),
+            Request.status == RequestStatus.RUNNING,
+            Request.deadline_at.is_not(None),
+            Request.deadline_at <= now,
+        )
+        .values(status=RequestStatus.EXPIRED, finished_at=now, error=DEADLINE_PASSED)
+        .execution_options(synchronize_session=False)
+    )
+    rows = session.execute(
+        select(Request.id, Request.status).where(
+            Request.id.in_(request_ids), Request.status.not_in(OPEN_STATUSES)
+        )
+    )
+    return {request_id: status for request_id, status in rows}
 
 
 def forget_publish(session: Session, request_ids: list[uuid.UUID]) -> None:

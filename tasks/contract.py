@@ -57,6 +57,9 @@ class RunMessage(BaseModel):
     fallbacks: list[str] | None = None
     # Which try on this model this is (a failed attempt is retried up to max_attempts).
     attempt: int = 1
+    # The client reads tokens as they come (SSE): a continuous engine publishes each step's
+    # new text on the request's token stream (see tasks.streams).
+    stream: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

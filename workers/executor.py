@@ -9,16 +9,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from inferq.enums import Outcome
 from router.config import ModelSpec
 from storage.ledger import Attempt
-from tasks.contract import EngineRequest, RunMessage
-from tasks.templates import OutputError, parse_output
+from tasks.contract import EngineRequest
+from workers.attempts import AttemptMaker, Ran
 from workers.batcher import WorkItem
-from workers.engines.base import Engine, EngineError, Generation
-from workers.pricing import price_attempt
+from workers.engines.base import BatchEngine, EngineError, Generation
 from workers.writer import BatchWriter
 
 log = logging.getLogger(__name__)
@@ -40,20 +38,18 @@ class _Ran:
 class BatchExecutor:
     def __init__(
         self,
-        engine: Engine,
+        engine: BatchEngine,
         *,
-        model: str,
+        make_attempt: AttemptMaker,
         spec: ModelSpec,
-        worker: str,
         writer: BatchWriter,
         claim: Callable[[list[uuid.UUID], float], set[uuid.UUID]],
     ) -> None:
         self._claim = claim
         self._engine = engine
-        self._model = model
         self._spec = spec
-        self._worker = worker
         self._writer = writer
+        self._attempt = make_attempt
         # An engine call that ran past timeout_s and may still be running.
         self._abandoned: Future[list[Generation]] | None = None
 
@@ -129,7 +125,9 @@ class BatchExecutor:
             except BaseException as exc:
                 box.set_exception(exc)
 
-        threading.Thread(target=call, name=f"inferq-engine-{self._model}", daemon=True).start()
+        threading.Thread(
+            target=call, name=f"inferq-engine-{self._attempt.model}", daemon=True
+        ).start()
         try:
             return box.result(timeout=max(deadline - time.monotonic(), 0.0))
         except TimeoutError as exc:
@@ -141,53 +139,23 @@ class BatchExecutor:
     def _attempts(self, ran: list[_Ran], started: float, engine_s: float) -> list[Attempt]:
         batch_id = uuid.uuid4()
         finished = time.time()
-        attempts = []
-        for r, gpu_seconds in zip(ran, self._gpu_seconds(ran, engine_s), strict=True):
-            message = r.item.message
-            output, error = None, r.error
-            if r.generation is not None:
-                try:
-                    output = parse_output(message.task, message.engine_request, r.generation.texts)
-                except OutputError as exc:
-                    error = str(exc)
-            gen = r.generation
-            price = price_attempt(
-                self._spec,
-                gpu_seconds=gpu_seconds,
-                prompt_tokens=gen.prompt_tokens if gen else 0,
-                completion_tokens=gen.completion_tokens if gen else 0,
-            )
-            ttft = gen.ttft_s if gen else None
-            attempts.append(
-                Attempt(
-                    request_id=uuid.UUID(message.request_id),
-                    tenant_id=uuid.UUID(message.tenant_id),
-                    task=message.task,
-                    model=self._model,
-                    engine=self._engine.name,
-                    worker=self._worker,
+        return [
+            self._attempt(
+                Ran(
+                    message=r.item.message,
+                    generation=r.generation,
+                    error=r.error,
+                    started=started,
+                    finished=finished,
+                    engine_s=engine_s,
+                    gpu_seconds=gpu_seconds,
                     batch_id=batch_id,
                     batch_size=len(ran),
-                    succeeded=error is None,
-                    output=output,
-                    error=error,
-                    prompt_tokens=gen.prompt_tokens if gen else 0,
-                    completion_tokens=gen.completion_tokens if gen else 0,
-                    finish_reason=gen.finish_reason if gen else None,
-                    queue_wait_s=max(started - message.enqueued_at, 0.0),
-                    engine_s=engine_s,
-                    ttft_s=ttft,
-                    gpu_seconds=price.gpu_seconds,
-                    cost=price.cost,
-                    started_at=_utc(started),
-                    first_token_at=_utc(started + ttft) if ttft is not None else None,
-                    finished_at=_utc(finished),
                     timed_out=r.timed_out,
-                    fallbacks=self._next_models(message),
-                    retry_in_s=self._retry_in(message),
                 )
             )
-        return attempts
+            for r, gpu_seconds in zip(ran, self._gpu_seconds(ran, engine_s), strict=True)
+        ]
 
     def _gpu_seconds(self, ran: list[_Ran], engine_s: float) -> list[float]:
         """A batch's GPU-seconds per request: a failed call's time goes to the requests in
@@ -199,23 +167,7 @@ class BatchExecutor:
         failed_s = sum(r.call_s for r in ran if r.generation is None)
         shared_s = max(engine_s - failed_s, 0.0)
         total = sum(tokens) or 1
-        gpus = self._spec.gpu_count
         return [
-            gpus * (r.call_s if r.generation is None else shared_s * n / total)
+            r.call_s if r.generation is None else shared_s * n / total
             for r, n in zip(ran, tokens, strict=True)
         ]
-
-    def _next_models(self, message: RunMessage) -> tuple[str, ...]:
-        """Where the request goes if this attempt failed: this model again while it has
-        tries left, then down the route's chain."""
-        chain = tuple(message.fallbacks or ())
-        return (self._model, *chain) if message.attempt < self._spec.max_attempts else chain
-
-    def _retry_in(self, message: RunMessage) -> float | None:
-        if message.attempt >= self._spec.max_attempts:
-            return None
-        return float(self._spec.retry_backoff_s * 2 ** (message.attempt - 1))
-
-
-def _utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)

@@ -11,14 +11,16 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from inferq.enums import RequestStatus
 from inferq.settings import Settings
 from storage.ledger import claim
-from storage.reconcile import renew
+from storage.reconcile import renew, stopped_among
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,9 @@ class Leases:
         self._running_lease = running_lease
         self._max_deliveries = max_deliveries
         self._held: set[uuid.UUID] = set()
+        # Leases are renewed only while this holds: a wedged engine stops vouching for its
+        # requests, so the reconciler takes them back even if the process lingers.
+        self.progressing: Callable[[], bool] = lambda: True
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="inferq-leases", daemon=True)
@@ -86,6 +91,11 @@ class Leases:
             self._held |= claimed
         return claimed
 
+    def stopped_among(self, request_ids: list[uuid.UUID]) -> dict[uuid.UUID, RequestStatus]:
+        """Of the requests this worker runs, those to abort (see ``storage.reconcile``)."""
+        with self._sessions.begin() as session:
+            return stopped_among(session, request_ids, datetime.now(UTC))
+
     def release(self, request_id: uuid.UUID) -> None:
         """Its result is committed (or it was never claimed): stop vouching for it."""
         with self._lock:
@@ -97,6 +107,9 @@ class Leases:
             with self._lock:
                 held = list(self._held)
             if not held:
+                continue
+            if not self.progressing():
+                log.warning("not renewing %d leases: the engine makes no progress", len(held))
                 continue
             try:
                 with self._sessions.begin() as session:

@@ -1,4 +1,4 @@
-"""One worker process's runtime: its engine, batcher and writer, created once at start."""
+"""One worker process's runtime: its engine, its feed and writer, created once at start."""
 
 from __future__ import annotations
 
@@ -21,17 +21,25 @@ from router.health import ModelHealth
 from storage.ledger import Attempt
 from tasks.app import publish_by_model
 from tasks.contract import RunMessage
+from tasks.streams import TokenEvent, create_publisher
 from tasks.webhooks import publish_deliveries
+from workers.attempts import AttemptMaker
 from workers.batcher import MicroBatcher
-from workers.engines import Engine, create_engine
+from workers.engines import Engine, StepEngine, create_engine
 from workers.executor import BatchExecutor
 from workers.fallbacks import BreakerHook
+from workers.feeder import ContinuousFeeder, exit_wedged
 from workers.leases import Leases
+from workers.streaming import TokenRelay
 from workers.writer import BatchWriter
 
 
 class WorkerRuntime:
-    """Owns the engine for one model; Celery's task threads hand it requests."""
+    """Owns the engine for one model; the consumer hands it requests.
+
+    How requests reach the engine follows the engine's kind: a continuous engine (vLLM) is fed
+    as requests arrive (workers.feeder); a static one gets micro-batches (workers.batcher).
+    """
 
     def __init__(
         self,
@@ -44,27 +52,51 @@ class WorkerRuntime:
         publish_deliveries: Callable[[list[uuid.UUID]], None],
         publish_runs: Callable[[list[RunMessage]], None] | None = None,
         leases: Leases | None = None,
+        relay: TokenRelay | None = None,
+        stall_s: float = 60.0,
+        on_wedged: Callable[[str], None] = exit_wedged,
     ) -> None:
         spec = config.models[model]
         self.leases = leases or Leases(sessions)
         self.model = model
         self.spec = spec
         self.engine = engine
+        self.relay = relay
         self.writer = BatchWriter(sessions, publish_deliveries, publish_runs=publish_runs)
-        executor = BatchExecutor(
-            engine,
-            model=model,
-            spec=spec,
-            worker=worker_name,
-            writer=self.writer,
-            claim=self.leases.claim,
-        )
-        self.batcher = MicroBatcher(
-            executor,
-            max_batch_size=spec.max_batch_size,
-            window_s=spec.batch_window_ms / 1000,
-            name=f"inferq-executor-{model}",
-        )
+        make_attempt = AttemptMaker(model, spec, engine.name, worker_name)
+        self.feed: MicroBatcher | ContinuousFeeder
+        if isinstance(engine, StepEngine):
+            self.feed = ContinuousFeeder(
+                engine,
+                spec=spec,
+                make_attempt=make_attempt,
+                writer=self.writer,
+                claim=self.leases.claim,
+                stopped=self.leases.stopped_among,
+                relay=relay,
+                stall_s=stall_s,
+                on_wedged=on_wedged,
+                name=f"inferq-engine-{model}",
+            )
+            self.leases.progressing = self.feed.progressing
+            # Enough messages to fill the engine and a reserve; the intake claims no more.
+            self.buffer_size = self.feed.intake.bound
+        else:
+            executor = BatchExecutor(
+                engine,
+                make_attempt=make_attempt,
+                spec=spec,
+                writer=self.writer,
+                claim=self.leases.claim,
+            )
+            self.feed = MicroBatcher(
+                executor,
+                max_batch_size=spec.max_batch_size,
+                window_s=spec.batch_window_ms / 1000,
+                name=f"inferq-executor-{model}",
+            )
+            # One batch running, one filling, so the engine never waits.
+            self.buffer_size = 2 * spec.max_batch_size
 
     @classmethod
     def create(
@@ -91,6 +123,8 @@ class WorkerRuntime:
             publish_deliveries=partial(publish_deliveries, celery),
             publish_runs=partial(publish_by_model, celery, config),
             leases=Leases.from_settings(settings, sessions, worker=name),
+            relay=TokenRelay(create_publisher(settings), name=f"inferq-tokens-{model}"),
+            stall_s=settings.engine_stall_s,
         )
         health = ModelHealth.create(settings, config.breaker)
         runtime.writer.add_commit_hook(BreakerHook(health, model))
@@ -99,26 +133,28 @@ class WorkerRuntime:
             runtime.writer.add_transaction_hook(partial(_sample_succeeded, pool))
         return runtime
 
-    @property
-    def buffer_size(self) -> int:
-        """Messages held at once: one batch running, one filling, so the engine never waits."""
-        return 2 * self.spec.max_batch_size
-
     def start(self) -> None:
         self.leases.start()
         self.writer.start()
-        self.batcher.start()
+        if self.relay is not None:
+            self.relay.start()
+        self.feed.start()
 
     def submit(self, message: RunMessage) -> Future[Outcome]:
-        future = self.batcher.submit(message)
+        future = self.feed.submit(message)
         request_id = uuid.UUID(message.request_id)
         future.add_done_callback(lambda _: self.leases.release(request_id))
+        if message.stream and self.relay is not None:
+            relay, done = self.relay, [TokenEvent(message.request_id, done=True)]
+            future.add_done_callback(lambda _: relay.put(done))  # after the commit
         return future
 
     def stop(self) -> None:
-        self.batcher.stop()
+        self.feed.stop()
         self.writer.stop()
         self.leases.stop()
+        if self.relay is not None:
+            self.relay.stop()
         self.engine.close()
 
 

@@ -1,6 +1,7 @@
-"""Writes batches to the database on its own thread, then releases their messages.
+"""Writes finished requests to the database on its own thread, then releases their messages.
 
-A batch's results and ledger rows go in one transaction; only after the commit are the
+What finished since the last commit (a batch, or a continuous engine's last few steps) goes in
+one transaction with its ledger rows; only after the commit are the
 waiting tasks released, so Celery acknowledges a message once its result is durable. A failed
 commit is retried with backoff: the results are kept, never dropped.
 """
@@ -27,6 +28,7 @@ from workers.batcher import WorkItem
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 10.0
+_MAX_GROUP = 512  # requests committed in one transaction, at most
 
 CommitHook = Callable[[list[Attempt], list[Outcome]], None]
 TransactionHook = Callable[[Session, list[Attempt], list[Outcome]], None]
@@ -77,7 +79,21 @@ class BatchWriter:
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
+            # What finished meanwhile joins this transaction: a continuous engine hands over
+            # a few requests per step, and a commit each would cost more than the step.
+            stop = False
+            while len(job.items) < _MAX_GROUP:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                job = _Finished(job.items + more.items, job.attempts + more.attempts)
             self._record(job)
+            if stop:
+                return
 
     def _record(self, job: _Finished) -> None:
         backoff = 0.1
@@ -165,5 +181,5 @@ def _fallen_back(job: _Finished, outcomes: list[Outcome]) -> list[tuple[float, R
             ),
         )
         for item, a, outcome in zip(job.items, job.attempts, outcomes, strict=True)
-        if a.falls_back and outcome is not Outcome.DUPLICATE
+        if a.falls_back and outcome is Outcome.FAILED
     ]

@@ -5,9 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from router.config import ModelSpec
-from workers.engines.base import Engine, EngineError, Generation
+from workers.engines.base import (
+    Admission,
+    BatchEngine,
+    Engine,
+    EngineError,
+    Generation,
+    StepEngine,
+    StepOutput,
+)
 
-__all__ = ["Engine", "EngineError", "Generation", "create_engine"]
+__all__ = [
+    "Admission",
+    "BatchEngine",
+    "Engine",
+    "EngineError",
+    "Generation",
+    "StepEngine",
+    "StepOutput",
+    "create_engine",
+]
 
 
 def create_engine(spec: ModelSpec, *, model_path: Path, seed: int = 0) -> Engine:
@@ -16,6 +33,10 @@ def create_engine(spec: ModelSpec, *, model_path: Path, seed: int = 0) -> Engine
         from workers.engines.vllm import VllmEngine
 
         return VllmEngine(spec, model_path=model_path, seed=seed)
+    if spec.engine == "scripted" and spec.options.get("continuous"):
+        from workers.engines.scripted_steps import ScriptedStepEngine
+
+        return ScriptedStepEngine.from_options(spec.options, slots=spec.max_batch_size)
     if spec.engine == "scripted":
         from workers.engines.scripted import ScriptedEngine
 

@@ -26,8 +26,11 @@ class EngineError(RuntimeError):
 
 
 @runtime_checkable
-class Engine(Protocol):
-    """Runs a batch of requests in one call. Created once per worker process."""
+class BatchEngine(Protocol):
+    """A static engine: runs a batch of requests in one call (transformers, a hosted API).
+
+    The worker feeds it through the micro-batcher. Created once per worker process.
+    """
 
     name: str
 
@@ -43,3 +46,60 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release the engine's memory and threads."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request entering a continuous engine."""
+
+    request_id: str
+    request: EngineRequest
+    priority: int  # lower runs first
+    stream: bool  # report its text at every step
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one step did for one request: new text (streamed requests only) and, once the
+    request is finished, its Generation."""
+
+    request_id: str
+    deltas: list[tuple[int, str]]  # (choice index, new text)
+    finished: Generation | None = None
+
+
+@runtime_checkable
+class StepEngine(Protocol):
+    """A continuous engine (vLLM): requests enter and leave between steps.
+
+    Only the worker's engine thread calls these. Created once per worker process.
+    """
+
+    name: str
+    # Sequences it runs at once (vLLM's max_num_seqs).
+    slots: int
+
+    def add(self, admissions: Sequence[Admission]) -> list[str | None]:
+        """Start requests; for each, ``None`` or why the engine refused it (nothing of a
+        refused request stays in the engine). One call for many: prompts are encoded together."""
+        ...
+
+    def step(self) -> list[StepOutput]:
+        """Run one step over what is in the engine; outputs for requests that progressed.
+
+        Raises:
+            Exception: the step failed; the caller aborts what is in the engine.
+        """
+        ...
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        """Remove requests from the engine; unknown or finished ids are ignored."""
+        ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+# Every engine is one of the two kinds; the worker picks its pipeline by the protocol.
+Engine = BatchEngine | StepEngine

