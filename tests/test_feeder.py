@@ -20,6 +20,7 @@ from storage.models import LedgerEntry, Request, Tenant
 from storage.requests import cancel_request
 from tasks.contract import EngineRequest, RunMessage
 from tests.conftest import wait_for
+from workers.consumer import Credit
 from workers.engines.scripted import Rule
 from workers.engines.scripted_steps import ScriptedStepEngine
 from workers.runtime import WorkerRuntime
@@ -255,3 +256,15 @@ def test_a_wedged_engine_stops_the_worker_and_its_leases(
     assert wedged.event.wait(timeout=30), "the watchdog never fired"
     assert "no engine step returned for 1s" in wedged.reasons[0]
     assert not runtime.leases.progressing()  # its requests' leases are no longer renewed
+
+
+def test_credit_lets_in_a_message_only_while_requests_held_are_under_the_bound() -> None:
+    prefetch: list[int] = []
+    credit = Credit(10, prefetch.append)
+    credit.took(8)  # a bundle of 8: under 10, one more message may come
+    credit.took(8)  # 16 held: no more than the two it holds
+    credit.took(1)  # (delivered before the broker saw the change)
+    credit.settled(8)
+    credit.settled(1)  # 8 held again: one more
+    credit.settled(8)
+    assert prefetch == [2, 3, 2, 1]

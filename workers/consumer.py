@@ -1,4 +1,4 @@
-"""A Celery consumer step that feeds model queues straight into the micro-batchers.
+"""A Celery consumer step that feeds model queues straight into the workers' engines.
 
 Celery's own task path costs about a millisecond of Python per message (a request object, a
 pool hand-off, events), all of it under the GIL the engine needs. Here a message (a bundle of
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 from celery import bootsteps
@@ -46,8 +48,11 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             # Anything else (a pickle) is refused undecoded and dropped, not left to kill
             # the worker and come back to the next one.
             on_decode_error=self._on_decode_error,
-            # The buffer: one batch running and the next one filling, per model.
-            prefetch_count=sum(r.buffer_size for r in self._runtimes.values()),
+            prefetch_count=1,  # then as much as the credit allows
+        )
+        self._credit = Credit(
+            sum(r.buffer_size for r in self._runtimes.values()),
+            partial(_set_prefetch, consumer, self._hub),
         )
         return [consumer]
 
@@ -66,19 +71,61 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             log.exception("dropping a malformed message")
             message.reject(requeue=False)
             return
-        settle = _Settle(len(targets), message, self._hub)
+        credit = self._credit
+        credit.took(len(targets))
+        settle = _Settle(len(targets), message, self._hub, lambda: credit.settled(len(targets)))
         for runtime, run in targets:
             runtime.submit(run).add_done_callback(settle.one_done)
+
+
+class Credit:
+    """How many messages the broker may hand over: one more while the requests held are
+    under ``bound``. A message is a bundle of up to ``max_batch_size`` requests, so a fixed
+    prefetch count would hoard what other workers could run."""
+
+    def __init__(self, bound: int, set_prefetch: Callable[[int], None]) -> None:
+        self.bound = bound
+        self.requests = 0
+        self.messages = 0
+        self._set_prefetch = set_prefetch
+        self._prefetch = 1
+        self._lock = threading.Lock()
+
+    def took(self, requests: int) -> None:
+        self._change(requests, 1)
+
+    def settled(self, requests: int) -> None:
+        self._change(-requests, -1)
+
+    def _change(self, requests: int, messages: int) -> None:
+        with self._lock:
+            self.requests += requests
+            self.messages += messages
+            prefetch = self.messages + (1 if self.requests < self.bound else 0)
+            prefetch = max(prefetch, 1)
+            if prefetch == self._prefetch:
+                return
+            self._prefetch = prefetch
+        self._set_prefetch(prefetch)
+
+
+def _set_prefetch(consumer: Consumer, hub: Any, count: int) -> None:
+    """Change the prefetch count from any thread: on the event loop where there is one."""
+    if hub is None:
+        consumer.qos(prefetch_count=count)
+    else:
+        hub.call_soon(partial(consumer.qos, prefetch_count=count))
 
 
 class _Settle:
     """Acknowledges a message on the event loop once every request in it is committed."""
 
-    def __init__(self, count: int, message: Message, hub: Any) -> None:
+    def __init__(self, count: int, message: Message, hub: Any, settled: Callable[[], None]) -> None:
         self._left = count
         self._failed = False
         self._message = message
         self._hub = hub
+        self._settled = settled
         self._lock = threading.Lock()
 
     def one_done(self, done: Future[Outcome]) -> None:
@@ -88,6 +135,7 @@ class _Settle:
             self._left -= 1
             if self._left or self._failed:
                 return  # a failure leaves it unacknowledged: delivered again later
+        self._settled()
         if self._hub is None:
             _ack(self._message)
         else:

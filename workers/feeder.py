@@ -208,7 +208,7 @@ class ContinuousFeeder:
         self._step_started = None
         self._share_clock += (time.monotonic() - clock) / len(self._running)
         self._steps += 1
-        now = time.time()
+        now, step_id, size = time.time(), uuid.uuid4(), len(self._running)
         events: list[TokenEvent] = []
         finished: list[tuple[WorkItem, Ran]] = []
         for out in outputs:
@@ -220,7 +220,7 @@ class ContinuousFeeder:
                 events += [TokenEvent(out.request_id, i, text) for i, text in out.deltas]
             if out.finished is not None:
                 del self._running[out.request_id]
-                finished.append(self._ran(running, out.finished, None, now))
+                finished.append(self._ran(running, out.finished, None, now, step_id, size))
         if events and self._relay is not None:
             self._relay.put(events)
         if finished:
@@ -276,7 +276,9 @@ class ContinuousFeeder:
         now = time.time()
         self._finish(
             [
-                self._ran(self._running.pop(rid), None, reasons[rid][0], now, reasons[rid][1])
+                self._ran(
+                    self._running.pop(rid), None, reasons[rid][0], now, timed_out=reasons[rid][1]
+                )
                 for rid in ids
             ]
         )
@@ -287,8 +289,12 @@ class ContinuousFeeder:
         generation: Generation | None,
         error: str | None,
         now: float,
+        step_id: uuid.UUID | None = None,
+        size: int | None = None,
         timed_out: bool = False,
     ) -> tuple[WorkItem, Ran]:
+        """How a request's run went. Its "batch" is the step it finished in (``step_id``),
+        of ``size`` requests in the engine."""
         if generation is None:  # aborted: at most a token a step since it entered
             generation = Generation([], 0, self._steps - running.step_mark, "abort")
         return running.item, Ran(
@@ -299,8 +305,8 @@ class ContinuousFeeder:
             finished=now,
             engine_s=now - running.added_at,
             gpu_seconds=self._share_clock - running.clock_mark,
-            batch_id=uuid.uuid4(),
-            batch_size=len(self._running) + 1,
+            batch_id=step_id or uuid.uuid4(),
+            batch_size=size or len(self._running) + 1,
             timed_out=timed_out,
             first_token_at=running.first_token_at,
         )
