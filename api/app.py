@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +34,7 @@ from router import load_config
 from router.health import ModelHealth
 from storage.db import make_engine, make_sessionmaker
 from tasks.app import create_celery
+from tasks.streams import create_reader
 from workers.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
@@ -68,12 +73,14 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         app.state.committer.start()
         app.state.admitter = Admitter(app.state.services)
         app.state.admitter.start()
+        app.state.streams = create_reader(settings)
         reconciler = _reconciler(app.state.services)
         yield
         if reconciler is not None:
             reconciler.stop()
         app.state.admitter.stop()
         app.state.committer.stop()
+        await app.state.streams.aclose()
         if owned:
             app.state.services.dispose()
 
@@ -83,6 +90,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         max_bytes=settings.max_body_bytes,
         max_upload_bytes=settings.max_upload_bytes,
     )
+    app.exception_handler(RequestValidationError)(_invalid)
     app.exception_handler(BadRequest)(_bad_request)
     app.exception_handler(TooBusy)(_too_busy)
     app.exception_handler(OperationalError)(_database_down)
@@ -120,6 +128,24 @@ async def _database_down(_: Request, exc: Exception) -> JSONResponse:
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
+
+
+async def _invalid(_: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, except that an input JSON cannot carry (Python's json reads ``NaN`` and
+    ``Infinity``; a JSON answer cannot hold them) is echoed as text instead of failing with 500."""
+    assert isinstance(exc, RequestValidationError)
+    detail = _json_safe(jsonable_encoder(exc.errors()))
+    return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
 
 
 async def _bad_request(_: Request, exc: Exception) -> JSONResponse:

@@ -125,5 +125,6 @@ async def _read_upload(request: Request, services: Services) -> tuple[JobSpec, b
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             exc.errors(include_url=False, include_input=False, include_context=False),
         ) from exc
-    spec = JobSpec.model_validate(body.model_dump(exclude={"items"}))
+    # Unset stays unset: an expand job with no temperature gets the kind's sampling default.
+    spec = JobSpec.model_validate(body.model_dump(exclude={"items"}, exclude_unset=True))
     return spec, as_jsonl(body.items)

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.schemas import CreateRequest
 from api.service import (
@@ -28,7 +28,7 @@ from api.service import (
 )
 from inferq.enums import JobStatus, Priority, TaskKind
 from storage.models import Job, JobError, JobSource
-from tasks.templates import INPUT_MODELS, SamplingIn
+from tasks.templates import INPUT_MODELS, SamplingIn, json_text
 
 MAX_REPORTED_ERRORS = 20
 NATIVE = "native"  # job_sources.format of a native upload
@@ -43,6 +43,12 @@ class JobSpec(BaseModel):
     model: str | None = None
     strict: bool = False
     webhook_url: str | None = Field(default=None, max_length=2000)
+
+    @field_validator("input")
+    @classmethod
+    def _storable(cls, shared: dict[str, Any]) -> dict[str, Any]:
+        json_text(shared)  # a large upload's job row keeps it before any line is checked
+        return shared
 
 
 class JobBody(JobSpec):
@@ -99,6 +105,8 @@ def create_job(
     settings = services.settings
     if spec.webhook_url is not None:
         check_webhook_url(settings, spec.webhook_url)
+    if (spec.params.max_tokens or 0) > settings.max_output_tokens:  # else every line fails
+        raise BadRequest(f"params.max_tokens must be at most {settings.max_output_tokens}")
     lines = numbered_lines(data)
     if len(lines) > settings.max_job_lines:
         raise BadRequest(f"the job has {len(lines)} lines; the limit is {settings.max_job_lines}")
@@ -109,7 +117,7 @@ def create_job(
         tenant_id=tenant_id,
         task=spec.task,
         model=spec.model,
-        shared={"input": spec.input, "params": spec.params.model_dump(exclude_none=True)},
+        shared={"input": spec.input, "params": spec.params.stored()},
         webhook_url=spec.webhook_url,
     )
     if len(lines) > settings.inline_job_lines:

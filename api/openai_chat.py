@@ -1,29 +1,44 @@
-"""``POST /v1/chat/completions``: enqueue one request at interactive priority and wait for it.
+"""``POST /v1/chat/completions``: enqueue one request at interactive priority and wait for it,
+or, with ``stream: true``, follow it as Server-Sent Events in OpenAI's chunk format.
 
 The request takes the normal path (validate, group commit, publish), so it is queued, batched,
 retried and accounted like any other; the caller just does not see the queue. The wait is
-bounded: past it the answer is a 504 naming the request id, which keeps running and can be
-read with ``GET /v1/requests/{id}``.
+bounded: past it the answer is a 504 naming the request id (in a stream, an error event), which
+keeps running and can be read with ``GET /v1/requests/{id}``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi.concurrency import run_in_threadpool
 
 from api.committer import GroupCommitter
 from api.openai_errors import ApiError
-from api.openai_schemas import ChatCompletion, ChatCompletionBody
+from api.openai_schemas import (
+    ChatCompletion,
+    ChatCompletionBody,
+    ChatCompletionChunk,
+    ChunkChoice,
+    ChunkDelta,
+    CompletionUsage,
+    completion_id,
+    content_of,
+    finish_reason_of,
+    unix,
+)
 from api.service import Services, prepare
+from api.streaming import STREAM_WAIT_S, event, sse
 from inferq.enums import Priority, RequestStatus
 from storage.models import Request
 from storage.requests import get_for_tenant
+from tasks.streams import StreamReader, TokenEvent
 
-CHAT_WAIT_S = 600.0
+CHAT_WAIT_S = STREAM_WAIT_S
 FIRST_PAUSE_S = 0.01
 MAX_PAUSE_S = 0.25
 
@@ -37,6 +52,83 @@ async def complete(
     disconnected: Callable[[], Awaitable[bool]],
 ) -> ChatCompletion:
     """Submit the chat and answer its completion once a worker has written it."""
+    row = await _submit(services, committer, tenant_id, body)
+    row = await _wait(services, tenant_id, row.id, disconnected)
+    if row.status is RequestStatus.SUCCEEDED:
+        return ChatCompletion.of(row)
+    if not row.status.terminal:
+        raise ApiError(504, _still_open(row), code="timeout")
+    raise ApiError(500, _failed(row), code="engine_error")
+
+
+async def stream(
+    services: Services,
+    committer: GroupCommitter,
+    reader: StreamReader,
+    tenant_id: uuid.UUID,
+    body: ChatCompletionBody,
+) -> AsyncIterator[str]:
+    """Submit the chat (refusals raise here, before anything is streamed) and return the SSE
+    body that follows it."""
+    row = await _submit(services, committer, tenant_id, body)
+    usage = bool(body.stream_options and body.stream_options.include_usage)
+    return sse(services, reader, row, ChatChunks(row, include_usage=usage), wait_s=CHAT_WAIT_S)
+
+
+class ChatChunks:
+    """A completion as OpenAI streams it: a role chunk, content chunks, a chunk with the finish
+    reason, the usage chunk if asked, then ``[DONE]``. Text the token stream did not carry
+    (an engine that does not stream, a fallback model) is sent from the record before the
+    finish; a failure after the stream began is an error event."""
+
+    def __init__(self, row: Request, *, include_usage: bool) -> None:
+        self._id, self._model = completion_id(row), row.model
+        self._created = unix(row.created_at) or 0
+        self._include_usage = include_usage
+        self._sent = ""
+
+    def opening(self) -> list[str]:
+        return [self._chunk(ChunkDelta(role="assistant", content=""))]
+
+    def update(self, update: TokenEvent | Request) -> list[str]:
+        if isinstance(update, Request):
+            return self._end(update)
+        if update.index != 0:  # n is 1
+            return []
+        self._sent += update.delta
+        return [self._chunk(ChunkDelta(content=update.delta))]
+
+    def error(self, message: str, *, code: str = "stream_error") -> list[str]:
+        detail = {"message": message, "type": "server_error", "param": None, "code": code}
+        return [event(None, json.dumps({"error": detail}))]
+
+    def _end(self, row: Request) -> list[str]:
+        if not row.status.terminal:
+            return self.error(_still_open(row), code="timeout")
+        if row.status is not RequestStatus.SUCCEEDED:
+            return self.error(_failed(row), code="engine_error")
+        self._model = row.model  # the model that answered (after a fallback, another)
+        frames, content = [], content_of(row)
+        if content.startswith(self._sent) and len(content) > len(self._sent):
+            frames.append(self._chunk(ChunkDelta(content=content[len(self._sent) :])))
+        frames.append(self._chunk(ChunkDelta(), finish=finish_reason_of(row)))
+        if self._include_usage:
+            frames.append(self._frame([], usage=CompletionUsage.of(row)))
+        return [*frames, event(None, "[DONE]")]
+
+    def _chunk(self, delta: ChunkDelta, *, finish: str | None = None) -> str:
+        return self._frame([ChunkChoice(delta=delta, finish_reason=finish)])
+
+    def _frame(self, choices: list[ChunkChoice], *, usage: CompletionUsage | None = None) -> str:
+        chunk = ChatCompletionChunk(
+            id=self._id, created=self._created, model=self._model, choices=choices, usage=usage
+        )
+        return event(None, chunk.model_dump_json())
+
+
+async def _submit(
+    services: Services, committer: GroupCommitter, tenant_id: uuid.UUID, body: ChatCompletionBody
+) -> Request:
     if body.model not in services.config.models:
         known = ", ".join(sorted(services.config.models))
         raise ApiError(
@@ -48,17 +140,18 @@ async def complete(
     native = body.to_native(Priority.INTERACTIVE)
     prepared = await run_in_threadpool(prepare, services, tenant_id, native)
     row, _created = await asyncio.wrap_future(committer.submit(prepared))
-    row = await _wait(services, tenant_id, row.id, disconnected)
-    if row.status is RequestStatus.SUCCEEDED:
-        return ChatCompletion.of(row)
-    if not row.status.terminal:
-        raise ApiError(
-            504,
-            f"no result within {CHAT_WAIT_S:.0f}s; request {row.id} is still {row.status.value} "
-            f"(GET /v1/requests/{row.id} reads it later)",
-            code="timeout",
-        )
-    raise ApiError(500, f"request {row.id} {row.status.value}: {row.error}", code="engine_error")
+    return row
+
+
+def _still_open(row: Request) -> str:
+    return (
+        f"no result within {CHAT_WAIT_S:.0f}s; request {row.id} is still {row.status.value} "
+        f"(GET /v1/requests/{row.id} reads it later)"
+    )
+
+
+def _failed(row: Request) -> str:
+    return f"request {row.id} {row.status.value}: {row.error}"
 
 
 async def _wait(

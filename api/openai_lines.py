@@ -104,9 +104,12 @@ def _check_line(
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object (a chat completions request)")
     try:
-        return ChatCompletionBody.model_validate(body)
+        parsed = ChatCompletionBody.model_validate(body)
     except ValidationError as exc:
         raise BadRequest(describe(exc.errors(include_url=False), prefix="body")) from exc
+    if parsed.stream:
+        raise BadRequest("body.stream: a batch line cannot stream; leave it out")
+    return parsed
 
 
 def output_line(row: Request) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 
 from api import openai_batches as batches
 from api.auth import Caller, services_of
-from api.openai_chat import complete
+from api.openai_chat import complete, stream
 from api.openai_errors import ApiError, OpenAIRoute
 from api.openai_schemas import (
     ERRORS,
@@ -28,6 +28,7 @@ from api.openai_schemas import (
     FileList,
     FileObject,
 )
+from api.streaming import SSE_HEADERS
 
 router = APIRouter(route_class=OpenAIRoute, responses=ERRORS)
 Limit = Annotated[int, Query(ge=1, le=100)]
@@ -98,20 +99,27 @@ def cancel_batch(request: Request, tenant: Caller, batch_id: str) -> BatchObject
 
 
 CHAT_ERRORS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "The completion; with ``stream: true``, ``chat.completion.chunk`` events "
+        "then ``data: [DONE]``.",
+    },
     500: {"model": ErrorBody, "description": "The request ran and failed (after retries)."},
     504: {"model": ErrorBody, "description": "No result in time; the request keeps running."},
 }
 
 
-@router.post("/v1/chat/completions", responses=CHAT_ERRORS)
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=CHAT_ERRORS)
 async def chat_completions(
     request: Request, tenant: Caller, body: ChatCompletionBody
-) -> ChatCompletion:
-    """Enqueue at interactive priority and wait for the answer (no streaming yet)."""
+) -> ChatCompletion | StreamingResponse:
+    """Enqueue at interactive priority and wait for the answer, or with ``stream: true``
+    follow it as Server-Sent Events (closing the stream cancels the request)."""
+    services, committer = services_of(request), request.app.state.committer
+    if body.stream:
+        reader = request.app.state.streams
+        chunks = await stream(services, committer, reader, tenant.id, body)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
     return await complete(
-        services_of(request),
-        request.app.state.committer,
-        tenant.id,
-        body,
-        disconnected=request.is_disconnected,
+        services, committer, tenant.id, body, disconnected=request.is_disconnected
     )

@@ -1,6 +1,6 @@
 """Wire shapes of the OpenAI-compatible surface: files, batches and chat completions.
 
-Request bodies forbid what inferq does not do (tools, streaming, n > 1), so a caller learns it
+Request bodies forbid what inferq does not do (tools, n > 1), so a caller learns it
 from a 400 naming the field instead of from a silently different answer. Response shapes
 carry the fields the official client reads.
 """
@@ -12,12 +12,12 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.schemas import CreateRequest
 from inferq.enums import Priority, TaskKind
 from storage.models import Request, as_utc
-from tasks.templates import SamplingIn
+from tasks.templates import MaxTokens, SamplingIn, Seed, Temperature, TopP, check_stop
 
 FINISH_REASONS = ("stop", "length")
 
@@ -110,34 +110,46 @@ class ResponseFormat(_Strict):
         return self.json_schema.schema_ if self.json_schema is not None else None
 
 
+class StreamOptions(_Strict):
+    include_usage: bool | None = None  # a last chunk with no choices and the usage
+    include_obfuscation: bool | None = None  # accepted, ignored: no padding is added
+
+
 class ChatCompletionBody(_Strict):
     model: str
     messages: list[MessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    # The sampling knobs take what the native params take (tasks.templates).
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     response_format: ResponseFormat | None = None
     stream: bool | None = None
+    stream_options: StreamOptions | None = None
     n: Literal[1] | None = None
     user: str | None = None  # accepted and ignored, as are store and metadata
     store: bool | None = None
     metadata: dict[str, str] | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if stop is not None:
+            check_stop([stop] if isinstance(stop, str) else stop)
+        return stop
+
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionBody:
-        if self.stream:
-            raise ValueError("stream: true is not supported yet; send stream: false")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
         if (
             self.max_tokens
             and self.max_completion_tokens
             and (self.max_tokens != self.max_completion_tokens)
         ):
             raise ValueError("max_tokens and max_completion_tokens disagree; send one")
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("stop takes at most 4 sequences")
         return self
 
     def to_native(self, priority: Priority) -> CreateRequest:
@@ -155,7 +167,12 @@ class ChatCompletionBody(_Strict):
         }
         params = SamplingIn(**{k: v for k, v in knobs.items() if v is not None})
         return CreateRequest(
-            task=TaskKind.CHAT, input=payload, params=params, model=self.model, priority=priority
+            task=TaskKind.CHAT,
+            input=payload,
+            params=params,
+            model=self.model,
+            priority=priority,
+            stream=bool(self.stream),
         )
 
 
@@ -180,6 +197,13 @@ class CompletionUsage(BaseModel):
     completion_tokens: int
     total_tokens: int
 
+    @classmethod
+    def of(cls, row: Request) -> CompletionUsage:
+        prompt, completion = row.prompt_tokens or 0, row.completion_tokens or 0
+        return cls(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+
 
 class ChatCompletion(BaseModel):
     id: str
@@ -193,19 +217,52 @@ class ChatCompletion(BaseModel):
     @classmethod
     def of(cls, row: Request) -> ChatCompletion:
         """A succeeded ``chat`` request; with a JSON schema its content is the JSON text."""
-        output = row.output
-        content = output if isinstance(output, str) else json_text(output)
-        prompt, completion = row.prompt_tokens or 0, row.completion_tokens or 0
-        finish = row.finish_reason if row.finish_reason in FINISH_REASONS else "stop"
+        message = AssistantMessage(content=content_of(row))
         return cls(
-            id=f"chatcmpl-{row.id.hex}",
+            id=completion_id(row),
             created=unix(row.finished_at or row.created_at) or 0,
             model=row.model,
-            choices=[Choice(message=AssistantMessage(content=content), finish_reason=finish)],
-            usage=CompletionUsage(
-                prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-            ),
+            choices=[Choice(message=message, finish_reason=finish_reason_of(row))],
+            usage=CompletionUsage.of(row),
         )
+
+
+def completion_id(row: Request) -> str:
+    return f"chatcmpl-{row.id.hex}"
+
+
+def content_of(row: Request) -> str:
+    output = row.output
+    return output if isinstance(output, str) else json_text(output)
+
+
+def finish_reason_of(row: Request) -> str:
+    return row.finish_reason if row.finish_reason in FINISH_REASONS else "stop"
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a streamed completion; with ``include_usage`` every chunk has ``usage``
+    (null), and the last one has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: CompletionUsage | None = None
+    system_fingerprint: str | None = None
 
 
 def json_text(value: Any) -> str:

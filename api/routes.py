@@ -7,12 +7,14 @@ import time
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
 from api.auth import Caller, services_of
 from api.schemas import CreateRequest, ModelList, ModelPublic, RequestPublic
 from api.service import Services, prepare
+from api.streaming import SSE_HEADERS, RequestFrames, sse
 from storage.requests import get_for_tenant
 from tasks.queues import model_queue
 
@@ -65,6 +67,22 @@ async def get_request(
             return RequestPublic.of(row)
         await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
         pause = min(pause * 2, 0.5)
+
+
+@router.get(
+    "/v1/requests/{request_id}/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+)
+async def stream_request(request: Request, tenant: Caller, request_id: uuid.UUID) -> Response:
+    """Server-Sent Events: ``token`` events as the request generates (if it was submitted with
+    ``stream: true``), then a ``result`` event with the record; closing early cancels it."""
+    services = services_of(request)
+    row = await run_in_threadpool(_load, services, tenant.id, request_id)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no request {request_id}")
+    body = sse(services, request.app.state.streams, row, RequestFrames())
+    return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def _load(services: Services, tenant_id: uuid.UUID, request_id: uuid.UUID):  # type: ignore[no-untyped-def]

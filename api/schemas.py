@@ -52,6 +52,10 @@ class CreateRequest(BaseModel):
     priority: Priority = Priority.INTERACTIVE
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     webhook_url: str | None = Field(default=None, max_length=2000)
+    stream: bool = Field(
+        default=False,
+        description="Publish tokens as they are generated, for GET /v1/requests/{id}/stream.",
+    )
 
 
 class Usage(BaseModel):

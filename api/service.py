@@ -266,7 +266,7 @@ def _row(
         "priority": item.body.priority,
         "model": item.model,
         "input": item.body.input,
-        "params": item.body.params.model_dump(exclude_none=True),
+        "params": item.body.params.stored(),
         "idempotency_key": item.body.idempotency_key,
         "attempts": 0,
         "created_at": now,
@@ -304,6 +304,7 @@ def publish_requests(services: Services, fresh: Sequence[Fresh]) -> None:
             job_id=str(job_id) if job_id else None,
             webhook_url=item.body.webhook_url,
             fallbacks=_route_columns(item.route)["fallbacks"],
+            stream=item.body.stream,
         )
         by_model.setdefault(item.model, []).append(message)
     for model, messages in by_model.items():

@@ -32,7 +32,15 @@ pass_settings = click.make_pass_decorator(Settings)
 
 _AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_STAGES = ("end_to_end", "queue_wait", "engine", "ttft")
+# Latency stages: the GroupStats attribute and its label in the table. ``client_ttft`` is the
+# time to first token a client sees (queue included), beside the engine's own ``ttft``.
+_STAGES = {
+    "end_to_end": "end_to_end",
+    "queue_wait": "queue_wait",
+    "engine": "engine",
+    "ttft": "ttft",
+    "client_ttft": "ttft (client)",
+}
 
 
 def parse_when(text: str, now: datetime) -> datetime:
@@ -136,10 +144,10 @@ def render_tables(window: Window, by: str, groups: list[GroupStats], total: Grou
 def _latency_rows(by: str, groups: list[GroupStats]) -> list[list[str]]:
     table = [[by, "stage", "n", "p50 s", "p95 s", "p99 s"]]
     for g in groups:
-        for stage in _STAGES:
+        for stage, label in _STAGES.items():
             p = getattr(g, stage)
             table.append(
-                [g.key, stage, str(p.count), f"{p.p50:.3f}", f"{p.p95:.3f}", f"{p.p99:.3f}"]
+                [g.key, label, str(p.count), f"{p.p50:.3f}", f"{p.p95:.3f}", f"{p.p99:.3f}"]
             )
     return table
 

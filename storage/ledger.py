@@ -149,9 +149,7 @@ def record_batch(session: Session, attempts: Sequence[Attempt]) -> list[Outcome]
     return outcomes
 
 
-def _outcomes(
-    attempts: Sequence[Attempt], closed: dict[uuid.UUID, RequestStatus]
-) -> list[Outcome]:
+def _outcomes(attempts: Sequence[Attempt], closed: dict[uuid.UUID, RequestStatus]) -> list[Outcome]:
     """First attempt wins: one at a request already closed, or already attempted earlier in
     this batch (the same message delivered twice and batched together), is a duplicate; one
     at a request cancelled (or expired) while it ran is charged to that."""

@@ -9,7 +9,9 @@ Definitions, so that the numbers mean one thing wherever they are shown:
   ``duplicate`` rows.
 - End-to-end latency is ``finished_at - created_at`` of each successful request (requests
   table). Queue wait, engine time and time to first token come from every attempt that ran.
-  Percentiles are nearest rank.
+  Time to first token is shown twice: ``ttft`` is the engine's own figure (from the engine
+  call), ``client_ttft`` runs from the request's commit to its first token leaving the worker,
+  queue included: what a client waits. Percentiles are nearest rank.
 - Throughput at P95 latency is successful requests per second over the whole window, reported
   next to the window's p95 end-to-end latency: the rate the service sustained while that
   latency held. It needs no latency target as input and adds up across groups.
@@ -83,6 +85,7 @@ class AttemptRow:
     queue_wait_s: float
     engine_s: float
     ttft_s: float | None
+    client_ttft_s: float | None
     at: datetime
     end_to_end_s: float | None  # set on the successful attempt only
 
@@ -101,6 +104,7 @@ class GroupStats:
     queue_wait: Percentiles
     engine: Percentiles
     ttft: Percentiles
+    client_ttft: Percentiles
     cost_by_spend: dict[Spend, float]
     count_by_spend: dict[Spend, int]
 
@@ -146,6 +150,9 @@ class _Acc:
             queue_wait=Percentiles.of([r.queue_wait_s for r in rows if _ran(r)]),
             engine=Percentiles.of([r.engine_s for r in rows if _ran(r)]),
             ttft=Percentiles.of([r.ttft_s for r in rows if r.ttft_s is not None]),
+            client_ttft=Percentiles.of(
+                [r.client_ttft_s for r in rows if r.client_ttft_s is not None]
+            ),
             cost_by_spend=cost_by,
             count_by_spend=count_by,
         )
@@ -171,6 +178,7 @@ def fetch_attempts(session: Session, window: Window) -> list[AttemptRow]:
             LedgerEntry.queue_wait_s,
             LedgerEntry.engine_s,
             LedgerEntry.ttft_s,
+            LedgerEntry.client_ttft_s,
             LedgerEntry.created_at,
             Request.status,
             Request.created_at.label("request_created_at"),
@@ -201,6 +209,7 @@ def _attempt_row(r: Row[*tuple[Any, ...]]) -> AttemptRow:
         queue_wait_s=r.queue_wait_s,
         engine_s=r.engine_s,
         ttft_s=r.ttft_s,
+        client_ttft_s=r.client_ttft_s,
         at=as_utc(r.created_at),
         end_to_end_s=e2e,
     )

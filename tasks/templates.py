@@ -8,26 +8,73 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from jsonschema import Draft202012Validator, SchemaError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inferq.enums import TaskKind
 from tasks.contract import ChatMessage, EngineRequest
 
+# What the engine can take, checked before anything is written: vLLM and torch hold the seed
+# in a signed 64-bit integer (a larger one wedges the engine: "Overflow when unpacking long
+# long"), and NaN or infinite sampling values are not numbers it can sample with. The upper
+# bound on max_tokens depends on the model and settings (api.service checks it).
+SEED_MAX = 2**63 - 1
+MAX_STOP = 4
+MAX_STOP_CHARS = 200
+
+
+def check_stop(stop: list[str]) -> list[str]:
+    """At most ``MAX_STOP`` sequences, each non-empty, short, and without NUL."""
+    if len(stop) > MAX_STOP:
+        raise ValueError(f"takes at most {MAX_STOP} sequences, not {len(stop)}")
+    for index, text in enumerate(stop):
+        if not text:
+            raise ValueError(f"sequence {index} is empty")
+        if len(text) > MAX_STOP_CHARS:
+            raise ValueError(
+                f"sequence {index} is {len(text)} characters; the limit is {MAX_STOP_CHARS}"
+            )
+        if "\x00" in text:
+            raise ValueError(f"sequence {index} contains a NUL character")
+    return stop
+
+
+MaxTokens = Annotated[int, Field(ge=1)]
+Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+# The Field bounds put the limits in the OpenAPI schema; check_stop also serves the OpenAI
+# surface, whose ``stop`` may be one string.
+StopList = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+    Field(max_length=MAX_STOP),
+    AfterValidator(check_stop),
+]
+
 
 class SamplingIn(BaseModel):
-    """Sampling knobs a caller may set, with the OpenAI API's names."""
+    """Sampling knobs a caller may set, with the OpenAI API's names.
+
+    The field types are shared with the OpenAI surface (``api.openai_schemas``), so both
+    refuse the same values with a message naming the field.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: list[str] | None = Field(default=None, max_length=4)
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    seed: Seed | None = None
+    stop: StopList | None = None
     ignore_eos: bool = False
+
+    def stored(self) -> dict[str, Any]:
+        """The knobs the caller set, as a row keeps them. Defaults are left out, so rendering
+        again from the row (the reconciler, a large job's later chunks) tells a default from
+        a choice: an ``expand`` with no temperature gets its sampling default, not 0."""
+        return self.model_dump(exclude_unset=True, exclude_none=True)
 
 
 class _Input(BaseModel):
@@ -38,6 +85,15 @@ def _non_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty")
     return value
+
+
+def json_text(value: Any) -> str:
+    """Canonical JSON text. Python's json reads ``NaN`` and ``Infinity`` from a body, but
+    they are not JSON: Postgres refuses them, so they are refused here, naming the field."""
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except ValueError:
+        raise ValueError("NaN and Infinity are not JSON numbers") from None
 
 
 @functools.lru_cache(maxsize=256)
@@ -59,7 +115,7 @@ class ExtractInput(_Input):
     @field_validator("schema_")
     @classmethod
     def _valid_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        problem = _schema_problem(json.dumps(schema, sort_keys=True))
+        problem = _schema_problem(json_text(schema))
         if problem is not None:
             raise ValueError(f"not a valid JSON Schema: {problem}")
         if schema.get("type") != "object":
@@ -98,7 +154,7 @@ class ChatInput(_Input):
     @field_validator("json_schema")
     @classmethod
     def _valid_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
-        problem = None if schema is None else _schema_problem(json.dumps(schema, sort_keys=True))
+        problem = None if schema is None else _schema_problem(json_text(schema))
         if problem is not None:
             raise ValueError(f"not a valid JSON Schema: {problem}")
         return schema

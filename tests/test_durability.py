@@ -117,6 +117,23 @@ def test_unpublished_and_orphaned_requests_are_republished_and_run_once(
         assert executions(sessions, request_id) == [Outcome.SUCCEEDED]
 
 
+def test_a_stored_request_that_no_longer_renders_fails_and_the_pass_goes_on(
+    reconciler: Reconciler, sessions: sessionmaker[Session], tenant_id: uuid.UUID
+) -> None:
+    """A row kept from before today's parameter checks fails with the reason; the rest of
+    the pass is not rolled back with it."""
+    broken, fine = add(
+        sessions,
+        row(tenant_id, "old", published_at=None, params={"seed": 2**64, "temperature": 0.8}),
+        row(tenant_id, "new", model="parked", published_at=None),
+    )
+    assert reconciler.run_once().republished >= 1
+    failed = status_of(sessions, broken)
+    assert failed.status is RequestStatus.FAILED
+    assert "seed" in (failed.error or "")
+    assert status_of(sessions, fine).published_at is not None  # sent, in the same pass
+
+
 def test_overdue_queued_requests_expire_and_their_job_closes(
     reconciler: Reconciler, sessions: sessionmaker[Session], tenant_id: uuid.UUID
 ) -> None:

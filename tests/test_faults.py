@@ -463,7 +463,9 @@ def kill_mid_batch(stack: Stack, db: sessionmaker[Session], tenant: Tenant) -> t
         return bool(busy)
 
     wait_for(a_worker_mid_batch, timeout=120, what="a live worker mid-batch")
-    pid, held = next(iter(busy.items()))
+    # The worker whose requests were delivered least: five kills are five losses, not one
+    # group of requests killed five times (max_deliveries rightly fails that as poison).
+    pid, held = min(busy.items(), key=lambda kv: (max(kv[1].values()), -len(kv[1])))
     killed_at = kill9(live[pid])
     redelivery_s = seconds_until(
         lambda: reclaimed(db, held) is not None,

@@ -151,3 +151,20 @@ def test_json_list_form_and_tenant_scoping(client: httpx.Client, api_url: str) -
     assert [r["output"] for r in ndjson(client.get(f"/v1/jobs/{job_id}/results"))] == ["a", "a"]
     stranger = httpx.get(f"{api_url}/v1/jobs/{job_id}", headers={"Authorization": "Bearer nope"})
     assert stranger.status_code == 401
+
+
+def test_expand_job_without_temperature_keeps_the_sampling_default(
+    client: httpx.Client, sessions: sessionmaker[Session]
+) -> None:
+    """Params a job does not set stay unset: an expand job samples its variants. (The JSON
+    form once stored every default, an explicit temperature 0, and refused every line.)"""
+    body = {"task": "expand", "model": "parked", "items": [{"id": "a", "query": "red shoes"}]}
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job_id = uuid.UUID(response.json()["id"])
+    with sessions() as session:
+        [params] = session.scalars(select(Request.params).where(Request.job_id == job_id))
+        job = session.get(Job, job_id)
+        assert job is not None and job.shared == {"input": {}, "params": {}}
+    assert params == {}  # the reconciler renders it again from this
+    client.post(f"/v1/jobs/{job_id}/cancel")  # parked: it would wait forever

@@ -219,6 +219,8 @@ def test_worker_metrics_count_batches_outcomes_and_cost(
     stage = {"model": "metered"}
     assert value(samples, "inferq_latency_seconds_count", **stage, stage="queue") == 6.0
     assert value(samples, "inferq_latency_seconds_count", **stage, stage="end_to_end") == 5.0
+    # Time to first token as the client sees it, for every attempt that made a token.
+    assert value(samples, "inferq_latency_seconds_count", **stage, stage="client_ttft") == 5.0
 
     with sessions() as session:
         rows = session.scalars(select(LedgerEntry).where(LedgerEntry.model == "metered")).all()

@@ -104,15 +104,16 @@ def test_documented_batch_flow_with_bad_lines(client: OpenAI, tmp_path: Path) ->
         ).encode(),
         chat_line("huge", "x" * 200_000),  # over the line limit
         chat_line("nomodel", "hello", model="gpt-4o"),  # not a configured model
+        chat_line("streamed", "hello", stream=True),  # a batch line cannot stream
     ]
     batch = start_batch(client, tmp_path, lines)
     assert batch.status == "in_progress" and batch.request_counts is not None
-    assert batch.request_counts.total == 8
+    assert batch.request_counts.total == 9
 
     batch = ended(client, batch.id)
     assert batch.status == "completed" and batch.completed_at is not None
     assert batch.request_counts is not None
-    assert (batch.request_counts.completed, batch.request_counts.failed) == (3, 5)
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (3, 6)
 
     output = jsonl(client, batch.output_file_id)
     assert [line["custom_id"] for line in output] == ["a", "b", "structured"]
@@ -129,7 +130,8 @@ def test_documented_batch_flow_with_bad_lines(client: OpenAI, tmp_path: Path) ->
     assert list(Draft202012Validator(SCHEMA).iter_errors(json.loads(structured))) == []
 
     errors = jsonl(client, batch.error_file_id)
-    assert [e["custom_id"] for e in errors] == [None, "a", "wrong-url", None, "nomodel"]
+    ids = [None, "a", "wrong-url", None, "nomodel", "streamed"]
+    assert [e["custom_id"] for e in errors] == ids
     assert all(e["response"] is None and e["error"]["code"] == "invalid_request" for e in errors)
     messages = [e["error"]["message"] for e in errors]
     for message, expected in zip(
@@ -140,6 +142,7 @@ def test_documented_batch_flow_with_bad_lines(client: OpenAI, tmp_path: Path) ->
             "line 6: url '/v1/embeddings' is not supported",
             "line 7: line is",
             "line 8: unknown model 'gpt-4o'",
+            "line 9: body.stream: a batch line cannot stream",
         ],
         strict=True,
     ):
@@ -166,10 +169,6 @@ def test_chat_completions_create(client: OpenAI) -> None:
     assert 0 < usage.completion_tokens <= 8
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
-    with pytest.raises(openai.BadRequestError, match="stream: true is not supported"):
-        client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True
-        )
     with pytest.raises(openai.NotFoundError, match="model 'gpt-4o' is not configured"):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
 

@@ -59,6 +59,7 @@ class Run:
     queue_wait_s: float = 0.0
     engine_s: float = 0.0
     ttft_s: float | None = None
+    client_ttft_s: float | None = None
 
 
 def write_request(
@@ -103,6 +104,7 @@ def write_request(
                 queue_wait_s=run.queue_wait_s,
                 engine_s=run.engine_s,
                 ttft_s=run.ttft_s,
+                client_ttft_s=run.client_ttft_s,
                 gpu_seconds=run.cost * 3600,  # as if priced 1 per GPU-hour
                 cost=run.cost,
                 outcome=run.outcome,
@@ -125,14 +127,14 @@ def tenants(sessions: sessionmaker[Session]) -> tuple[str, str]:
         # e2e 2 s; queue waits of model a: 0.5, 1.0, 1.5, 2.0, 2.5, 3.0 in this order.
         write_request(
             session, one, **a, status=done, created=0,
-            runs=[Run(ok, 0.10, 2, queue_wait_s=0.5, engine_s=1.0, ttft_s=0.2)],
+            runs=[Run(ok, 0.10, 2, queue_wait_s=0.5, engine_s=1.0, ttft_s=0.2, client_ttft_s=0.7)],
         )  # fmt: skip
         # Failed, then succeeded: the failed attempt is "retried" waste. e2e 6 s.
         write_request(
             session, one, **a, status=done, created=58,
             runs=[
                 Run(failed, 0.05, 60, queue_wait_s=1.0, engine_s=1.0),
-                Run(ok, 0.10, 64, queue_wait_s=1.5, engine_s=2.0, ttft_s=0.4),
+                Run(ok, 0.10, 64, queue_wait_s=1.5, engine_s=2.0, ttft_s=0.4, client_ttft_s=1.9),
             ],
         )  # fmt: skip
         # Failed for good: "failed" waste.
@@ -144,7 +146,7 @@ def tenants(sessions: sessionmaker[Session]) -> tuple[str, str]:
         write_request(
             session, one, **a, status=done, created=120,
             runs=[
-                Run(ok, 0.10, 124, queue_wait_s=2.5, engine_s=3.0, ttft_s=0.6),
+                Run(ok, 0.10, 124, queue_wait_s=2.5, engine_s=3.0, ttft_s=0.6, client_ttft_s=3.1),
                 Run(Outcome.DUPLICATE, 0.10, 125, queue_wait_s=3.0, engine_s=3.0),
             ],
         )  # fmt: skip
@@ -226,6 +228,10 @@ def test_latency_percentiles_and_throughput(
     assert (a.queue_wait.p50, a.queue_wait.p95, a.queue_wait.p99) == (1.5, 3.0, 3.0)
     assert (a.engine.p50, a.engine.p95) == (1.0, 3.0)  # 1, 1, 1, 2, 3, 3
     assert (a.ttft.p50, a.ttft.p99, a.ttft.count) == (0.4, 0.6, 3)
+    # The client's time to first token (commit to first token out of the worker), queue
+    # included: 0.7, 1.9, 3.1 s, beside the engine's 0.2, 0.4, 0.6 s. Model b has none.
+    assert (a.client_ttft.p50, a.client_ttft.p95, a.client_ttft.count) == (1.9, 3.1, 3)
+    assert b.client_ttft.count == 0 and total.client_ttft.p99 == 3.1
     # The cancelled attempt never ran: no queue or engine time of its own.
     assert b.queue_wait.count == 2
     # Throughput at P95 latency: successes over the 600 s window, next to p95 of 8 s.
@@ -288,6 +294,11 @@ def test_report_cli_prints_tables_json_and_plot(
     assert cost_row.split()[1:3] == ["3", "6"] and cost_row.split()[-1] == "0.166667"
     total_cost = next(line for line in lines if line.startswith("all") and "0.800000" in line)
     assert total_cost.split()[-1] == "0.200000"
+    # The latency table: the client's time to first token beside the engine's.
+    engine_ttft = next(line for line in lines if line.startswith(one) and " ttft " in line)
+    client_ttft = next(line for line in lines if line.startswith(one) and "ttft (client)" in line)
+    assert engine_ttft.split()[-4:] == ["3", "0.400", "0.600", "0.600"]
+    assert client_ttft.split()[-4:] == ["3", "1.900", "3.100", "3.100"]
     waste_row = next(line for line in lines if line.startswith(two) and "%" in line)
     assert "66.7% (1)" in waste_row and waste_row.endswith("33.3%")
     # The plot: a real PNG with something drawn on it.
@@ -301,6 +312,8 @@ def test_report_cli_prints_tables_json_and_plot(
     assert data["total"]["cost_per_success"] == pytest.approx(0.2)
     assert data["total"]["share_by_spend"]["duplicate"] == pytest.approx(0.125)
     assert data["total"]["end_to_end"]["p95"] == 8.0
+    assert data["total"]["ttft"]["p50"] == 0.4  # the engine's figure, keyed as before
+    assert data["total"]["client_ttft"] == {"count": 3, "p50": 1.9, "p95": 3.1, "p99": 3.1}
 
 
 def test_report_cli_refuses_a_backwards_window(settings: Settings) -> None:

@@ -65,3 +65,51 @@ def test_bad_input_names_the_field(task: TaskKind, payload: dict[str, object], f
     with pytest.raises(ValidationError) as info:
         render(task, payload, SamplingIn())
     assert field in str(info.value)
+
+
+SEED_MAX = 2**63 - 1  # vLLM and torch hold the seed in a signed 64-bit integer
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"seed": 2**64}, "seed"),
+        ({"seed": SEED_MAX + 1}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_p": float("-inf")}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": ["a\x00b"]}, "stop"),
+        ({"stop": ["x" * 201]}, "stop"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"logprobs": 1}, "logprobs"),
+    ],
+)
+def test_sampling_refuses_what_the_engine_cannot_take(
+    params: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        SamplingIn.model_validate(params)
+    [error] = info.value.errors()
+    assert error["loc"][0] == field
+
+
+def test_sampling_takes_the_edges() -> None:
+    knobs = SamplingIn(seed=SEED_MAX, temperature=2, top_p=1, stop=["\n", "x" * 200, "a", "b"])
+    assert knobs.seed == SEED_MAX and knobs.stop is not None and len(knobs.stop) == 4
+    assert SamplingIn(seed=0).seed == 0
+    # JSON as Python's json writes it: NaN is refused there too.
+    with pytest.raises(ValidationError, match="temperature"):
+        SamplingIn.model_validate_json('{"temperature": NaN}')
+
+
+def test_stored_params_keep_only_what_was_set() -> None:
+    """Rendering again from a row (the reconciler does) gives what the first render gave: an
+    expand with no temperature keeps its sampling default rather than a stored 0."""
+    first = SamplingIn.model_validate({"seed": 3})
+    assert first.stored() == {"seed": 3}
+    again = render(TaskKind.EXPAND, {"query": "shoes"}, SamplingIn.model_validate(first.stored()))
+    assert again.temperature > 0 and again.seed == 3

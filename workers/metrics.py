@@ -32,7 +32,8 @@ class WorkerMetrics:
         )
         self.latency = Histogram(
             "inferq_latency_seconds",
-            "Per-attempt latency by stage: queue, engine, ttft; end_to_end for successes.",
+            "Per-attempt latency by stage: queue, engine, ttft (the engine's), client_ttft (from "
+            "the request's commit); end_to_end for successes.",
             ["model", "stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -74,6 +75,8 @@ class WorkerMetrics:
         stage.labels(a.model, "engine").observe(a.engine_s)
         if a.ttft_s is not None:
             stage.labels(a.model, "ttft").observe(a.ttft_s)
+        if a.client_ttft_s is not None:
+            stage.labels(a.model, "client_ttft").observe(a.client_ttft_s)
         if outcome is Outcome.SUCCEEDED:
             ran_s = (a.finished_at - a.started_at).total_seconds()
             stage.labels(a.model, "end_to_end").observe(a.queue_wait_s + ran_s)

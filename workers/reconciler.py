@@ -18,6 +18,7 @@ from datetime import timedelta
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
+from inferq.enums import RequestStatus
 from inferq.settings import Settings
 from router.config import RouterConfig
 from storage import reconcile
@@ -101,7 +102,13 @@ class Reconciler:
                 models=list(self._config.models),
                 limit=BATCH_LIMIT,
             )
-            messages = [_message(row) for row in lost]
+            messages = []
+            for row in lost:
+                try:
+                    messages.append(_message(row))
+                except ValueError as exc:  # stored before today's checks: fail it, go on
+                    row.status, row.finished_at = RequestStatus.FAILED, now
+                    row.error = f"its parameters no longer pass the checks: {exc}"[:1000]
         if messages:
             publish_by_model(self._celery, self._config, messages)
         return Pass(republished=len(messages), expired=len(jobs))
