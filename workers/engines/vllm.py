@@ -78,27 +78,39 @@ class VllmEngine:
 
     def add(self, admissions: Sequence[Admission]) -> list[str | None]:
         try:
-            prompts = encode_prompts(self._tokenizer, [a.request for a in admissions])
-        except Exception:  # one bad prompt: encode them one by one to find it
-            prompts = [self._encode_one(a.request) for a in admissions]
-        return [self._add_one(a, ids) for a, ids in zip(admissions, prompts, strict=True)]
+            prompts = self._render([a.request for a in admissions])
+        except Exception:  # one bad prompt: render them one by one to find it
+            prompts = [self._render_one(a.request) for a in admissions]
+        return [self._add_one(a, p) for a, p in zip(admissions, prompts, strict=True)]
 
-    def _encode_one(self, request: EngineRequest) -> list[int] | None:
+    def _render(self, requests: Sequence[EngineRequest]) -> list[Any]:
+        """Engine inputs for the prompts' token ids, in one tokenizer call and one
+        ``Renderer.render_cmpl`` call (what this vLLM version asks ``add_request`` to get)."""
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        config, renderer = self._engine.model_config, self._engine.renderer
+        parsed = [
+            parse_model_prompt(config, {"prompt_token_ids": ids})
+            for ids in encode_prompts(self._tokenizer, requests)
+        ]
+        return list(renderer.render_cmpl(parsed, renderer.default_cmpl_tok_params))
+
+    def _render_one(self, request: EngineRequest) -> Any:
         try:
-            return encode_prompts(self._tokenizer, [request])[0]
+            return self._render([request])[0]
         except Exception:
             return None
 
-    def _add_one(self, admission: Admission, ids: list[int] | None) -> str | None:
+    def _add_one(self, admission: Admission, prompt: Any) -> str | None:
         request_id = admission.request_id
         added = time.time()
         try:
-            if ids is None:
+            if prompt is None:
                 raise ValueError("the prompt could not be encoded")
             params = _sampling(admission.request, stream=admission.stream)
             self._engine.add_request(
                 request_id,
-                {"prompt_token_ids": ids},
+                prompt,
                 params,
                 arrival_time=added,
                 priority=admission.priority,
