@@ -8,7 +8,7 @@ import uuid
 import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import RequestStatus, TaskKind
+from inferq.enums import Priority, RequestStatus, TaskKind
 from inferq.settings import Settings
 from router import load_config
 from storage.models import Request
@@ -32,6 +32,7 @@ def test_an_overflowing_seed_on_the_queue_fails_alone_and_the_worker_goes_on(
             tenant_id=tenant.id,
             task=TaskKind.COMPLETE,
             status=RequestStatus.QUEUED,
+            priority=Priority.BATCH,
             model="tiny",
             input={"prompt": "hi"},
             params={"temperature": 0.8},  # the message carries the seed, as an older API sent it
