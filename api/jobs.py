@@ -106,7 +106,7 @@ def create_job(
     if spec.webhook_url is not None:
         check_webhook_url(settings, spec.webhook_url)
     if (spec.params.max_tokens or 0) > settings.max_output_tokens:  # else every line fails
-        raise BadRequest(f"params.max_tokens must be at most {settings.max_output_tokens}")
+        raise BadRequest(f"params.max_tokens must be between 1 and {settings.max_output_tokens}")
     lines = numbered_lines(data)
     if len(lines) > settings.max_job_lines:
         raise BadRequest(f"the job has {len(lines)} lines; the limit is {settings.max_job_lines}")

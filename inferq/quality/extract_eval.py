@@ -37,6 +37,7 @@ def measure_extraction(
     An output that does not parse or fails the schema scores as an empty object.
     """
     from router.config import ModelSpec
+    from workers.engines import generate_all
     from workers.engines.vllm import VllmEngine
 
     requests = [
@@ -55,7 +56,7 @@ def measure_extraction(
         started = time.perf_counter()
         generations = []
         for start in range(0, len(requests), batch_size):
-            generations += engine.generate(requests[start : start + batch_size])
+            generations += generate_all(engine, requests[start : start + batch_size])
         seconds = time.perf_counter() - started
     finally:
         engine.close()

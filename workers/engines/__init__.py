@@ -13,6 +13,7 @@ from workers.engines.base import (
     Generation,
     StepEngine,
     StepOutput,
+    generate_all,
 )
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "StepEngine",
     "StepOutput",
     "create_engine",
+    "generate_all",
 ]
 
 

@@ -103,3 +103,28 @@ class StepEngine(Protocol):
 
 # Every engine is one of the two kinds; the worker picks its pipeline by the protocol.
 Engine = BatchEngine | StepEngine
+
+
+def generate_all(engine: Engine, requests: Sequence[EngineRequest]) -> list[Generation]:
+    """Run requests to the end on either kind of engine, outside a worker (evaluations,
+    benchmarks); one Generation per request, in order.
+
+    Raises:
+        EngineError: the engine refused a request.
+    """
+    if isinstance(engine, BatchEngine):
+        return engine.generate(requests)
+    ids = [f"run-{i}" for i in range(len(requests))]
+    admissions = [
+        Admission(i, r, priority=0, stream=False) for i, r in zip(ids, requests, strict=True)
+    ]
+    refused = [error for error in engine.add(admissions) if error is not None]
+    if refused:
+        engine.abort(ids)
+        raise EngineError(refused[0])
+    done: dict[str, Generation] = {}
+    while len(done) < len(ids):
+        for out in engine.step():
+            if out.finished is not None:
+                done[out.request_id] = out.finished
+    return [done[i] for i in ids]
