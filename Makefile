@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-bulk services lint compose-check clean
+.PHONY: install demo test bench bench-bulk bench-latency services lint compose-check clean
 
 install: $(STAMP)
 
@@ -31,6 +31,9 @@ bench: install services
 
 bench-bulk: install services
 	$(BIN)/python -m bench.bulk
+
+bench-latency: install services
+	$(BIN)/python -m bench.latency
 
 lint: install
 	$(BIN)/ruff check .

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.throughput import _database
+from bench.stack import database, service_env, stop
 from inferq.enums import TaskKind
 from inferq.quality.pool import add_known
 from inferq.quality.runs import EvalSpec, RunOutcome, run_eval
@@ -60,7 +60,7 @@ def main() -> None:
     config.write_text(
         yaml.safe_dump({"models": models, "routes": [{"task": "*", "model": TRAINED_NAME}]})
     )
-    with _database(admin) as database_url:
+    with database(admin) as database_url:
         settings = Settings(
             database_url=database_url,
             broker_url=broker,
@@ -110,21 +110,12 @@ def _measure(settings: Settings, items: int, logs: Path) -> dict[str, RunOutcome
             outcomes[name] = outcome
         return outcomes
     finally:
-        for process in workers:
-            process.terminate()
-        for process in workers:
-            process.wait(timeout=60)
+        stop(workers)
         services.dispose()
 
 
 def _start_workers(settings: Settings, logs: Path) -> list[subprocess.Popen[bytes]]:
-    env = dict(os.environ)
-    env.update(
-        INFERQ_DATABASE_URL=settings.database_url,
-        INFERQ_BROKER_URL=settings.broker_url,
-        INFERQ_CONFIG=str(settings.config),
-        INFERQ_BROKER_KEY_PREFIX=settings.broker_key_prefix,
-    )
+    env = service_env(settings)
     started = []
     for name in (TRAINED_NAME, DEGRADED_NAME):
         log = logs / f"{name}.log"

@@ -1,287 +1,145 @@
 """Service mode against the bare engine, side by side in one run.
 
-Each round sends N requests through API → Redis → one worker → Postgres (timed from the first
-submit to the last result stored), then runs the same prompts straight through the engine in
-one call at the same maximum batch size. Rounds alternate so both see the same machine; the
-figures are the medians over rounds. The last line printed is one JSON object.
+Each round sends N chat requests through API → Redis → one worker → Postgres, timed from the
+first submit to the last result stored (the max ``finished_at``), and runs the same prompts
+with the same parameters straight through vLLM in one ``LLM.generate`` call at the same
+``max_num_seqs``. Only requests that succeeded with exactly their ``max_tokens`` completion
+tokens count (EOS is ignored, so any other count is a fault). Modes:
 
-    python -m bench.throughput [--requests 1000] [--max-tokens 32] [--rounds 3]
+- ``fixed``: one prompt (about 80 tokens), exactly ``--max-tokens`` each: the peer baselines.
+- ``mixed``: distinct prompts of varied length and outputs drawn log-uniformly from
+  ``--mixed-output`` (default 4 to 256 tokens, capped by the model's context), seeded, new
+  prompts each round.
+
+Each round runs every mode, the side that goes first swapping every round; ratios are taken
+within a round and the figures are medians over rounds. The last line printed is one JSON
+object: the fixed mode's figures under the original keys, and each mode's under its prefix
+(``fixed_ratio``, ``mixed_ratio``, ``mixed_service_rps``, ...).
+
+    python -m bench.throughput [--mode fixed|mixed|both] [--requests 1000] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 from typing import Any
 
-import aiohttp
-import httpx
-import psycopg
-import redis
-from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
-
-from inferq.enums import TaskKind
-from inferq.models import resolve_model_path
-from inferq.settings import Settings
-from router import load_config
-from storage.db import make_engine, make_sessionmaker, normalise_url
-from storage.migrate import upgrade
-from storage.models import LedgerEntry, Request, as_utc
+from bench import workload
+from bench.direct import DirectEngine, direct_engine
+from bench.rounds import Figures, medians, paired, show
+from bench.stack import Stack, outcome, service, submit_all, wait_finished
+from inferq.models import PromptMeter, resolve_model_path
+from storage.models import Request
 from storage.reports import percentile
-from storage.tenants import create_tenant
-from tasks.templates import SamplingIn, render
-from workers.engines import Engine, create_engine
 
-CONFIG = Path(__file__).parent / "config.yaml"
-# About 58 prompt tokens with the chat template on the tiny model's tokenizer.
-PROMPT = (
-    "Write a short product title for this item: a lightweight waterproof hiking jacket in "
-    "forest green with taped seams, two zipped hand pockets, an adjustable hood and a "
-    "recycled polyester shell, size medium."
-)
-START_TIMEOUT_S = 300
-
-
-@dataclass(frozen=True, slots=True)
-class Stack:
-    url: str
-    key: str
-    sessions: sessionmaker[Session]
-    processes: list[subprocess.Popen[bytes]]
-    logs: Path
+MODES = ("fixed", "mixed")
 
 
 def main() -> None:
     args = _parse()
-    admin = os.environ.get("INFERQ_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-    broker = os.environ.get("INFERQ_BENCH_BROKER_URL", "redis://127.0.0.1:6379/12")
-    body = {
-        "task": "chat",
-        "input": {"messages": [{"role": "user", "content": PROMPT}]},
-        "params": {"max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0},
-        "priority": "batch",
-    }
-    rounds = []
-    with _database(admin) as database_url:
-        settings = Settings(database_url=database_url, broker_url=broker, config=CONFIG)
-        with _stack(settings) as stack, _direct_engine(settings) as engine:
-            for number in range(1, args.rounds + 1):
-                service = _service_round(stack, body, args.requests, args.concurrency)
-                direct = _direct_round(engine, body, args.requests)
-                service["direct_rps"] = direct
-                service["ratio"] = service["service_rps"] / direct
-                rounds.append(service)
-                print(f"round {number}: " + ", ".join(f"{k} {v:.3g}" for k, v in service.items()))
-    figures: dict[str, Any] = {
+    modes = MODES if args.mode == "both" else (args.mode,)
+    rounds: dict[str, list[Figures]] = {mode: [] for mode in modes}
+    with service() as stack, direct_engine(stack.spec, stack.settings) as engine:
+        meter = PromptMeter(resolve_model_path(stack.spec.path, stack.settings))
+        for number in range(1, args.rounds + 1):
+            for mode in modes:
+                items = _items(mode, args, args.seed + number - 1, stack, meter)
+                figures, first = paired(
+                    number,
+                    partial(_service_round, stack, items, args.concurrency),
+                    partial(_direct_round, engine, items),
+                )
+                figures["ratio"] = figures["service_rps"] / figures["direct_rps"]
+                rounds[mode].append(figures)
+                print(show(f"round {number} {mode} ({first} first)", figures))
+        spec = stack.spec
+    result: dict[str, Any] = {
         "requests": args.requests,
         "max_tokens": args.max_tokens,
-        "max_batch_size": load_config(CONFIG).models["tiny"].max_batch_size,
+        "max_batch_size": spec.max_batch_size,
+        "max_num_seqs": spec.max_batch_size,
         "rounds": args.rounds,
+        "mode": args.mode,
+        "seed": args.seed,
+        "mixed_output": args.mixed_output,
+        "mixed_prompt_words": args.mixed_prompt_words,
     }
-    for name in rounds[0]:
-        figures[name] = round(statistics.median(r[name] for r in rounds), 3)
-    print(
-        f"service mode: {figures['service_rps']} requests/s (p50 {figures['p50_latency_s']}s, "
-        f"p95 {figures['p95_latency_s']}s, mean batch {figures['mean_batch_size']})"
-    )
-    print(f"direct engine: {figures['direct_rps']} requests/s")
-    print(f"ratio service/direct (median of {args.rounds} rounds): {figures['ratio']}")
-    print(json.dumps(figures))
+    for mode in modes:
+        figures = medians(rounds[mode])
+        result.update({f"{mode}_{name}": value for name, value in figures.items()})
+        print(
+            f"{mode}: service {figures['service_rps']} requests/s "
+            f"({figures['service_tokens_per_s']} tokens/s, p50 {figures['p50_latency_s']}s, "
+            f"p95 {figures['p95_latency_s']}s, mean batch {figures['mean_batch_size']}); "
+            f"direct {figures['direct_rps']} requests/s; "
+            f"ratio (median of {args.rounds} rounds) {figures['ratio']}"
+        )
+    result.update(medians(rounds[modes[0]]))  # the original keys: fixed where it ran
+    print(json.dumps(result))
 
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--mode", choices=(*MODES, "both"), default="both")
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32, help="Fixed mode's output.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32, help="Client connections.")
+    parser.add_argument("--seed", type=int, default=0, help="Mixed mode's first round.")
+    parser.add_argument("--mixed-output", type=_span, default=(4, 256), metavar="LO:HI")
+    parser.add_argument("--mixed-prompt-words", type=_span, default=(4, 160), metavar="LO:HI")
     return parser.parse_args()
 
 
-@contextmanager
-def _database(admin_url: str) -> Iterator[str]:
-    """A throwaway Postgres database for one run."""
-    admin = make_url(normalise_url(admin_url))
-    name = f"inferq_bench_{uuid.uuid4().hex[:10]}"
-    conninfo = admin.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = admin.set(database=name).render_as_string(hide_password=False)
-        upgrade(url)
-        yield url
-    finally:
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def _span(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    return int(low), int(high or low)
 
 
-@contextmanager
-def _stack(settings: Settings) -> Iterator[Stack]:
-    """`inferq worker` and `inferq api` as processes, warm, against a fresh Redis db."""
-    redis.Redis.from_url(settings.broker_url).flushdb()
-    engine = make_engine(settings.database_url)
-    sessions = make_sessionmaker(engine)
-    with sessions.begin() as session:
-        _tenant, key = create_tenant(session, "bench")
-    env = dict(os.environ)
-    env.update(
-        INFERQ_DATABASE_URL=settings.database_url,
-        INFERQ_BROKER_URL=settings.broker_url,
-        INFERQ_CONFIG=str(settings.config),
+def _items(
+    mode: str, args: argparse.Namespace, seed: int, stack: Stack, meter: PromptMeter
+) -> list[workload.Item]:
+    """A round's requests: the mixed mode draws new prompts each round (``seed`` + round - 1),
+    so no round finds the previous one's prompts in the engines' prefix caches."""
+    if mode == "fixed":
+        return workload.fixed(args.requests, args.max_tokens)
+    items = workload.workload(
+        seed, args.requests, prompt_words=args.mixed_prompt_words, output_tokens=args.mixed_output
     )
-    logs = Path(tempfile.mkdtemp(prefix="inferq-bench-"))
-    port = 8765
-    cli = [sys.executable, "-m", "inferq.cli", "--log-level", "WARNING"]
-    commands = {
-        "worker": [*cli, "worker", "--model", "tiny", "--loglevel", "WARNING"],
-        "api": [*cli, "api", "--port", str(port)],
-    }
-    processes = [
-        subprocess.Popen(
-            command, env=env, stdout=(logs / f"{name}.log").open("wb"), stderr=subprocess.STDOUT
-        )
-        for name, command in commands.items()
-    ]
-    stack = Stack(f"http://127.0.0.1:{port}", key, sessions, processes, logs)
-    try:
-        _wait_ready(stack)
-        yield stack
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=60)
-        engine.dispose()
-        redis.Redis.from_url(settings.broker_url).flushdb()
+    return workload.fit(items, meter, stack.spec.max_model_len)
 
 
-def _wait_ready(stack: Stack) -> None:
-    """The API answers and the worker has run one request (engine loaded and warm)."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    headers = {"Authorization": f"Bearer {stack.key}"}
-    while not _healthy(stack.url):
-        _check_alive(stack)
-        if time.monotonic() > deadline:
-            raise SystemExit(f"bench: the API did not start; logs in {stack.logs}")
-        time.sleep(0.5)
-    warm = {"task": "complete", "input": {"prompt": "warm up"}, "params": {"max_tokens": 4}}
-    request_id = httpx.post(f"{stack.url}/v1/requests", json=warm, headers=headers).json()["id"]
-    while time.monotonic() < deadline:
-        _check_alive(stack)
-        answer = httpx.get(
-            f"{stack.url}/v1/requests/{request_id}",
-            params={"wait": 10},
-            headers=headers,
-            timeout=30,
-        ).json()
-        if answer["status"] == "succeeded":
-            return
-    raise SystemExit(f"bench: the worker did not answer; logs in {stack.logs}")
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _service_round(
-    stack: Stack, body: dict[str, Any], n: int, concurrency: int
-) -> dict[str, float]:
+def _service_round(stack: Stack, items: list[workload.Item], concurrency: int) -> Figures:
     started = time.time()
-    ids, submit_s = asyncio.run(_submit_all(stack, body, n, concurrency))
-    _wait_done(stack, ids)
-    with stack.sessions() as session:
-        rows = session.execute(
-            select(Request.created_at, Request.finished_at).where(Request.id.in_(ids))
-        ).all()
-        mean_batch = session.scalar(
-            select(func.avg(LedgerEntry.batch_size)).where(LedgerEntry.request_id.in_(ids))
-        )
-    last = max(as_utc(r.finished_at).timestamp() for r in rows)
-    latencies = sorted((as_utc(r.finished_at) - as_utc(r.created_at)).total_seconds() for r in rows)
+    ids = submit_all(stack, [item.body("batch") for item in items], concurrency)
+    submit_s = time.time() - started
+    seen = wait_finished(stack, Request.id.in_(ids), len(ids))
+    expected = {i: item.max_tokens for i, item in zip(ids, items, strict=True)}
+    result = outcome(stack, Request.id.in_(ids), expected.__getitem__)
+    elapsed = result.last_finished - started
     return {
-        "service_rps": n / (last - started),
-        "p50_latency_s": percentile(latencies, 50),
-        "p95_latency_s": percentile(latencies, 95),
-        "mean_batch_size": float(mean_batch or 0),
+        "service_rps": result.ok / elapsed,
+        "service_tokens_per_s": result.completion_tokens / elapsed,
+        "service_ok": result.ok,
+        "p50_latency_s": percentile(result.latencies, 50),
+        "p95_latency_s": percentile(result.latencies, 95),
+        "mean_batch_size": result.mean_batch_size,
         "submit_s": submit_s,
+        # When the poll saw every result stored, after the last finished_at (poll every 50 ms).
+        "seen_after_last_s": seen - result.last_finished,
     }
 
 
-async def _submit_all(
-    stack: Stack, body: dict[str, Any], n: int, concurrency: int
-) -> tuple[list[uuid.UUID], float]:
-    """Submit with a light client (aiohttp), so the client takes little of the machine."""
-    ids: list[uuid.UUID] = []
-    pending = iter(range(n))
-    headers = {"Authorization": f"Bearer {stack.key}"}
-    clock = time.perf_counter()
-    async with aiohttp.ClientSession(stack.url, headers=headers) as client:
-
-        async def sender() -> None:
-            for _ in pending:
-                async with client.post("/v1/requests", json=body) as response:
-                    response.raise_for_status()
-                    ids.append(uuid.UUID((await response.json())["id"]))
-
-        await asyncio.gather(*(sender() for _ in range(concurrency)))
-    return ids, time.perf_counter() - clock
-
-
-def _wait_done(stack: Stack, ids: list[uuid.UUID]) -> None:
-    deadline = time.monotonic() + 1800
-    while time.monotonic() < deadline:
-        _check_alive(stack)
-        with stack.sessions() as session:
-            done = session.scalar(
-                select(func.count()).where(Request.id.in_(ids), Request.finished_at.is_not(None))
-            )
-        if done == len(ids):
-            return
-        time.sleep(0.05)
-    raise SystemExit("bench: requests did not finish within 30 minutes")
-
-
-def _check_alive(stack: Stack) -> None:
-    if any(process.poll() is not None for process in stack.processes):
-        raise SystemExit(f"bench: a service exited; logs in {stack.logs}")
-
-
-@contextmanager
-def _direct_engine(settings: Settings) -> Iterator[Engine]:
-    spec = load_config(settings.config).models["tiny"]
-    engine = create_engine(spec, model_path=resolve_model_path(spec.path, settings))
-    try:
-        yield engine
-    finally:
-        engine.close()
-
-
-def _direct_round(engine: Engine, body: dict[str, Any], n: int) -> float:
-    """The same prompts, one engine call, the same maximum batch size: the engine's limit."""
-    request = render(TaskKind.CHAT, body["input"], SamplingIn(**body["params"]))
-    engine.generate([request] * 8)  # warm, as the worker is
-    clock = time.perf_counter()
-    outputs = engine.generate([request] * n)
-    elapsed = time.perf_counter() - clock
-    assert all(o.completion_tokens == request.max_tokens for o in outputs)
-    return n / elapsed
+def _direct_round(engine: DirectEngine, items: list[workload.Item]) -> Figures:
+    run = engine.run(items)
+    return {
+        "direct_rps": run.rps,
+        "direct_tokens_per_s": run.tokens_per_s,
+        "direct_ok": run.ok,
+    }
 
 
 if __name__ == "__main__":
