@@ -28,7 +28,7 @@ from inferq.enums import OPEN_STATUSES, RequestStatus
 from inferq.quality.report import RegressionCollector
 from storage.models import Request as RequestRow
 from storage.models import as_utc
-from tasks.queues import model_queue
+from tasks.queues import model_queues
 
 CACHE_TTL_S = 2.0
 EVAL_TTL_S = 30.0  # evaluation runs change weekly; the gauge need not be fresher
@@ -132,7 +132,10 @@ def open_by_model(session: Session) -> dict[str, tuple[int, int, datetime | None
 
 
 def broker_depths(celery: Celery, models: Iterable[str]) -> dict[str, int]:
-    """Messages on each model's queue, counted by kombu (priority lists and key prefix too)."""
+    """Messages on each model's queues, counted by kombu (priority lists and key prefix too)."""
     with celery.connection_for_read() as connection:
         channel = connection.default_channel
-        return {m: int(channel.queue_declare(queue=model_queue(m)).message_count) for m in models}
+        return {
+            m: sum(int(channel.queue_declare(queue=q).message_count) for q in model_queues(m))
+            for m in models
+        }

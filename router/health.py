@@ -22,7 +22,7 @@ import redis
 from inferq.settings import Settings
 from router.config import BreakerSpec
 from router.route import Route
-from tasks.queues import model_queue
+from tasks.queues import model_queues
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,14 @@ class ModelHealth:
         return bool(self._store.exists(self._key(model, "open")))
 
     def queue_depth(self, model: str) -> int:
-        """Messages (bundles of requests) waiting on the model's queue, all priorities."""
+        """Messages (bundles of requests) waiting on the model's queues, all priorities."""
         if not isinstance(self._store, redis.Redis):
             return 0
-        queue = self._prefix + model_queue(model)
         with self._store.pipeline(transaction=False) as pipe:
-            for step in _PRIORITY_STEPS:
-                pipe.llen(f"{queue}{_PRIORITY_SEP}{step}" if step else queue)
+            for queue in model_queues(model):
+                queue = self._prefix + queue
+                for step in _PRIORITY_STEPS:
+                    pipe.llen(f"{queue}{_PRIORITY_SEP}{step}" if step else queue)
             return sum(int(n) for n in pipe.execute())
 
     def checker(self) -> Callable[[Route], str | None]:

@@ -13,7 +13,7 @@ from inferq.settings import Settings
 from router.config import RouterConfig
 from tasks.contract import RUN_TASK_NAME, RunMessage
 from tasks.eval_schedule import register as register_eval
-from tasks.queues import FixedQueue, model_queue
+from tasks.queues import FixedQueue, interactive_queue, model_queue, model_queues
 from tasks.webhooks import register as register_webhooks
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class InferqCelery(Celery):  # type: ignore[misc]
 def create_celery(settings: Settings, config: RouterConfig) -> InferqCelery:
     """Build the Celery app for these settings and this models-and-routes config."""
     app = InferqCelery("inferq", broker=settings.broker_url, set_as_current=False)
-    queues = [Queue(model_queue(name)) for name in config.models]
+    queues = [Queue(q) for name in config.models for q in model_queues(name)]
     queues += [Queue(q.value) for q in FixedQueue]
     app.conf.update(
         task_serializer="json",
@@ -74,9 +74,10 @@ def create_celery(settings: Settings, config: RouterConfig) -> InferqCelery:
 
 
 def publish(app: Celery, messages: list[RunMessage], *, queue: str, bundle_size: int) -> None:
-    """Publish committed requests on one queue: one broker message per bundle of up to
-    ``bundle_size`` requests of one priority, so a burst costs the broker (and the worker's
-    consumer) a message per bundle rather than per request."""
+    """Publish committed requests on a model's queue (interactive ones on its interactive
+    twin): one broker message per bundle of up to ``bundle_size`` requests of one priority, so
+    a burst costs the broker (and the worker's consumer) a message per bundle rather than per
+    request."""
     by_priority: dict[Priority, list[RunMessage]] = {}
     for message in messages:
         by_priority.setdefault(message.priority, []).append(message)
@@ -88,7 +89,7 @@ def publish(app: Celery, messages: list[RunMessage], *, queue: str, bundle_size:
                     RUN_TASK_NAME,
                     args=[bundle],
                     argsrepr=f"[<{len(bundle)} requests>]",  # not a repr of every request
-                    queue=queue,
+                    queue=interactive_queue(queue) if priority is Priority.INTERACTIVE else queue,
                     priority=_PRIORITY[priority],
                     producer=producer,
                 )

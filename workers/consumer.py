@@ -18,49 +18,58 @@ from functools import partial
 from typing import Any
 
 from celery import bootsteps
-from kombu import Consumer, Message
+from kombu import Consumer, Message, Queue
 
 from inferq.enums import Outcome
 from tasks.contract import RUN_TASK_NAME, RunMessage
-from tasks.queues import model_queue
+from tasks.queues import interactive_queue, model_queue
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
 
 class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
-    """Consume the queue of every model this process runs an engine for."""
+    """Consume the queues of every model this process runs an engine for: batch queues on
+    one channel, interactive queues on another, each channel with its own credit, so an
+    interactive request is fetched at once however much batch work is held."""
 
     def start(self, c: Any) -> None:
         self._runtimes: dict[str, WorkerRuntime] = dict(c.app.runtimes)
         self._hub = c.controller.hub  # None under a synchronous loop (the memory transport)
         self._queues = c.app.amqp.queues
+        self._connection = c.connection
         super().start(c)
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
         if not self._runtimes:
             return []
+        bound = sum(r.buffer_size for r in self._runtimes.values())
+        batch = [self._queues[model_queue(model)] for model in self._runtimes]
+        interactive = [self._queues[interactive_queue(q.name)] for q in batch]
+        return [
+            self._consumer(channel, batch, bound),
+            self._consumer(self._connection.channel(), interactive, bound),
+        ]
+
+    def _consumer(self, channel: Any, queues: list[Queue], bound: int) -> Consumer:
         consumer = Consumer(
             channel,
-            queues=[self._queues[model_queue(model)] for model in self._runtimes],
-            callbacks=[self._on_message],
+            queues=queues,
             accept=["json"],
             # Anything else (a pickle) is refused undecoded and dropped, not left to kill
             # the worker and come back to the next one.
             on_decode_error=self._on_decode_error,
             prefetch_count=1,  # then as much as the credit allows
         )
-        self._credit = Credit(
-            sum(r.buffer_size for r in self._runtimes.values()),
-            partial(_set_prefetch, consumer, self._hub),
-        )
-        return [consumer]
+        credit = Credit(bound, partial(_set_prefetch, consumer, self._hub))
+        consumer.register_callback(partial(self._on_message, credit))
+        return consumer
 
     def _on_decode_error(self, message: Message, exc: Exception) -> None:
         log.error("dropping a message that is not JSON: %s", exc)
         message.reject(requeue=False)
 
-    def _on_message(self, body: Any, message: Message) -> None:
+    def _on_message(self, credit: Credit, body: Any, message: Message) -> None:
         """A message carries a bundle of requests; it is settled once all of them are."""
         try:
             if message.headers.get("task") != RUN_TASK_NAME:
@@ -71,7 +80,6 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             log.exception("dropping a malformed message")
             message.reject(requeue=False)
             return
-        credit = self._credit
         credit.took(len(targets))
         settle = _Settle(len(targets), message, self._hub, lambda: credit.settled(len(targets)))
         for runtime, run in targets:

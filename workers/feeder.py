@@ -97,6 +97,7 @@ class ContinuousFeeder:
         self._stopping = threading.Event()
         self.intake = Intake(
             bound=engine.slots + max(4, spec.max_batch_size // 4),
+            interactive_extra=max(2, engine.slots - self._batch_slots),
             claim=claim,
             stopped=stopped,
             in_engine=lambda: list(self._running),

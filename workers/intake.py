@@ -3,7 +3,8 @@ the engine has room; then it is claimed, a group at a time, and made ready for t
 
 Claiming and the sweep for requests to abort are database round trips; they run on this
 thread so the engine thread only steps. At most ``bound`` requests are claimed and not yet
-finished, so a worker never claims (marks running) what another worker could run.
+finished (and a few interactive ones beyond), so a worker never claims (marks running) what
+another worker could run.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Intake:
         self,
         *,
         bound: int,
+        interactive_extra: int,
         claim: Callable[[list[uuid.UUID], float], set[uuid.UUID]],
         stopped: Callable[[list[uuid.UUID]], dict[uuid.UUID, RequestStatus]],
         in_engine: Callable[[], list[str]],
@@ -38,6 +40,7 @@ class Intake:
         name: str,
     ) -> None:
         self.bound = bound
+        self._interactive_extra = interactive_extra
         self._claim = claim
         self._stopped = stopped
         self._in_engine = in_engine
@@ -91,15 +94,21 @@ class Intake:
 
     def _take(self, *, timeout: float) -> list[WorkItem]:
         with self._cond:
-            room = self.bound - self._in_flight
-            if not self._pending or room <= 0:
+            if not self._room_for_head():
                 self._cond.wait(timeout)
-                room = self.bound - self._in_flight
             taken = []
-            while self._pending and len(taken) < room:
+            while self._room_for_head():
                 taken.append(heapq.heappop(self._pending)[2])
-            self._in_flight += len(taken)
+                self._in_flight += 1
             return taken
+
+    def _room_for_head(self) -> bool:
+        """Whether the next pending request may be claimed now: interactive ones beyond
+        ``bound`` (the engine keeps slots that only they use), batch ones within it."""
+        if not self._pending:
+            return False
+        interactive = self._pending[0][0] == 0
+        return self._in_flight < self.bound + (self._interactive_extra if interactive else 0)
 
     def _admit(self, items: list[WorkItem]) -> None:
         """Claim the items; settle unrun those no longer open (cancelled, expired, done
