@@ -258,13 +258,16 @@ def test_a_wedged_engine_stops_the_worker_and_its_leases(
     assert not runtime.leases.progressing()  # its requests' leases are no longer renewed
 
 
-def test_credit_lets_in_a_message_only_while_requests_held_are_under_the_bound() -> None:
+def test_credit_lets_in_a_message_only_while_requests_in_progress_are_under_the_bound() -> None:
     prefetch: list[int] = []
     credit = Credit(10, prefetch.append)
     credit.took(8)  # a bundle of 8: under 10, one more message may come
-    credit.took(8)  # 16 held: no more than the two it holds
-    credit.took(1)  # (delivered before the broker saw the change)
-    credit.settled(8)
-    credit.settled(1)  # 8 held again: one more
-    credit.settled(8)
+    credit.took(8)  # 16 in progress: no more than the two it holds
+    for _ in range(7):  # the first bundle's requests finish but its last: 9 in progress
+        credit.finished()
+    credit.finished()  # 8 in progress; the first message is acknowledged
+    credit.settled()
+    for _ in range(8):
+        credit.finished()
+    credit.settled()
     assert prefetch == [2, 3, 2, 1]

@@ -28,7 +28,7 @@ class Ran:
     batch_id: uuid.UUID
     batch_size: int
     timed_out: bool = False
-    # Wall time its first token left the worker (streamed), where known.
+    # Wall time of its first token (the end of its first step in a continuous engine).
     first_token_at: float | None = None
 
 
@@ -59,6 +59,8 @@ class AttemptMaker:
         first_token = ran.first_token_at
         if first_token is None and ttft is not None:
             first_token = ran.started + ttft
+        elif ttft is None and first_token is not None:
+            ttft = max(first_token - ran.started, 0.0)
         return Attempt(
             request_id=uuid.UUID(message.request_id),
             tenant_id=uuid.UUID(message.tenant_id),

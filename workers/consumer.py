@@ -81,20 +81,22 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             message.reject(requeue=False)
             return
         credit.took(len(targets))
-        settle = _Settle(len(targets), message, self._hub, lambda: credit.settled(len(targets)))
+        settle = _Settle(len(targets), message, self._hub, credit)
         for runtime, run in targets:
             runtime.submit(run).add_done_callback(settle.one_done)
 
 
 class Credit:
-    """How many messages the broker may hand over: one more while the requests held are
-    under ``bound``. A message is a bundle of up to ``max_batch_size`` requests, so a fixed
-    prefetch count would hoard what other workers could run."""
+    """How many messages the broker may hand over: one more while the requests received and
+    not yet finished are under ``bound``. A message is a bundle of up to ``max_batch_size``
+    requests, so a fixed prefetch count would hoard what other workers could run; and a
+    bundle is acknowledged only when its last request is, so its finished requests stop
+    counting before that."""
 
     def __init__(self, bound: int, set_prefetch: Callable[[int], None]) -> None:
         self.bound = bound
-        self.requests = 0
-        self.messages = 0
+        self.requests = 0  # received, not finished
+        self.messages = 0  # received, not acknowledged
         self._set_prefetch = set_prefetch
         self._prefetch = 1
         self._lock = threading.Lock()
@@ -102,8 +104,13 @@ class Credit:
     def took(self, requests: int) -> None:
         self._change(requests, 1)
 
-    def settled(self, requests: int) -> None:
-        self._change(-requests, -1)
+    def finished(self) -> None:
+        """One request of a message finished."""
+        self._change(-1, 0)
+
+    def settled(self) -> None:
+        """A message was acknowledged (or left for redelivery)."""
+        self._change(0, -1)
 
     def _change(self, requests: int, messages: int) -> None:
         with self._lock:
@@ -128,22 +135,25 @@ def _set_prefetch(consumer: Consumer, hub: Any, count: int) -> None:
 class _Settle:
     """Acknowledges a message on the event loop once every request in it is committed."""
 
-    def __init__(self, count: int, message: Message, hub: Any, settled: Callable[[], None]) -> None:
+    def __init__(self, count: int, message: Message, hub: Any, credit: Credit) -> None:
         self._left = count
         self._failed = False
         self._message = message
         self._hub = hub
-        self._settled = settled
+        self._credit = credit
         self._lock = threading.Lock()
 
     def one_done(self, done: Future[Outcome]) -> None:
         """Runs on the writer thread."""
+        self._credit.finished()
         with self._lock:
             self._failed |= done.exception() is not None
             self._left -= 1
-            if self._left or self._failed:
-                return  # a failure leaves it unacknowledged: delivered again later
-        self._settled()
+            if self._left:
+                return
+        self._credit.settled()
+        if self._failed:
+            return  # left unacknowledged: delivered again later
         if self._hub is None:
             _ack(self._message)
         else:

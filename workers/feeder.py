@@ -88,6 +88,7 @@ class ContinuousFeeder:
         self._batch_slots = min(spec.max_batch_size, engine.slots)
         self._batch_share = max(1, self._batch_slots // 4)
         self._running: dict[str, _Running] = {}
+        self._fresh: list[_Running] = []  # added since the last step: it makes their first token
         self._suspects: deque[WorkItem] = deque()
         self._suspected: set[str] = set()
         self._share_clock = 0.0  # engine seconds per request in the engine, summed over steps
@@ -168,9 +169,9 @@ class ContinuousFeeder:
         for item, error in zip(taken, self._engine.add(admissions), strict=True):
             if error is None:
                 suspect = item.message.request_id in self._suspected
-                self._running[item.message.request_id] = _Running(
-                    item, now, self._share_clock, self._steps, suspect
-                )
+                running = _Running(item, now, self._share_clock, self._steps, suspect)
+                self._running[item.message.request_id] = running
+                self._fresh.append(running)
             else:  # this request alone: the engine cannot take it
                 refused.append((item, error))
         if refused:
@@ -210,6 +211,11 @@ class ContinuousFeeder:
         self._share_clock += (time.monotonic() - clock) / len(self._running)
         self._steps += 1
         now, step_id, size = time.time(), uuid.uuid4(), len(self._running)
+        # Slots are free for what was added (the feeder adds no more than the engine runs),
+        # so its prefill, and with it its first token, was this step.
+        for fresh in self._fresh:
+            fresh.first_token_at = fresh.first_token_at or now
+        self._fresh.clear()
         events: list[TokenEvent] = []
         finished: list[tuple[WorkItem, Ran]] = []
         for out in outputs:
@@ -217,7 +223,6 @@ class ContinuousFeeder:
             if running is None:
                 continue
             if out.deltas:
-                running.first_token_at = running.first_token_at or now
                 events += [TokenEvent(out.request_id, i, text) for i, text in out.deltas]
             if out.finished is not None:
                 del self._running[out.request_id]
@@ -247,6 +252,7 @@ class ContinuousFeeder:
                 self._suspected.add(running.item.message.request_id)
                 self._suspects.append(running.item)
         self._running.clear()
+        self._fresh.clear()
         if failed:
             self._finish(failed)
 

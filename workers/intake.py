@@ -25,6 +25,7 @@ from workers.batcher import WorkItem
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 0.25  # cancelled or expired requests leave the engine within this
+CLAIM_GROUP = 8  # batch requests claimed together while the engine has work ready
 
 
 class Intake:
@@ -97,18 +98,26 @@ class Intake:
             if not self._room_for_head():
                 self._cond.wait(timeout)
             taken = []
-            while self._room_for_head():
+            while self._pending and (taken or self._room_for_head()):
+                rank = self._pending[0][0]
+                limit = self.bound + (self._interactive_extra if rank == 0 else 0)
+                if self._in_flight >= limit:
+                    break
                 taken.append(heapq.heappop(self._pending)[2])
                 self._in_flight += 1
             return taken
 
     def _room_for_head(self) -> bool:
-        """Whether the next pending request may be claimed now: interactive ones beyond
-        ``bound`` (the engine keeps slots that only they use), batch ones within it."""
+        """Whether the next pending request may be claimed now: interactive ones at once and
+        beyond ``bound`` (the engine keeps slots that only they use); batch ones within it,
+        a group at a time while the engine has claimed work ready (a claim is a transaction)."""
         if not self._pending:
             return False
-        interactive = self._pending[0][0] == 0
-        return self._in_flight < self.bound + (self._interactive_extra if interactive else 0)
+        if self._pending[0][0] == 0:
+            return self._in_flight < self.bound + self._interactive_extra
+        room = self.bound - self._in_flight
+        starving = sum(len(ready) for ready in self.ready.values()) < CLAIM_GROUP
+        return room >= CLAIM_GROUP or (room > 0 and starving)
 
     def _admit(self, items: list[WorkItem]) -> None:
         """Claim the items; settle unrun those no longer open (cancelled, expired, done

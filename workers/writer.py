@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 10.0
 _MAX_GROUP = 512  # requests committed in one transaction, at most
+_LINGER_S = 0.02  # how long a commit waits for more finished requests to join it
 
 CommitHook = Callable[[list[Attempt], list[Outcome]], None]
 TransactionHook = Callable[[Session, list[Attempt], list[Outcome]], None]
@@ -79,12 +80,13 @@ class BatchWriter:
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
-            # What finished meanwhile joins this transaction: a continuous engine hands over
-            # a few requests per step, and a commit each would cost more than the step.
+            # What finishes within _LINGER_S joins this transaction: a continuous engine hands
+            # over a few requests per step, and a commit each would cost more than the step.
             stop = False
+            until = time.monotonic() + _LINGER_S
             while len(job.items) < _MAX_GROUP:
                 try:
-                    more = self._jobs.get_nowait()
+                    more = self._jobs.get(timeout=max(until - time.monotonic(), 0.0))
                 except queue.Empty:
                     break
                 if more is None:
