@@ -30,9 +30,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from bench import workload
 from bench.stack import service, upload_job, wait_job
+from storage.models import LedgerEntry, Request
 from storage.reports import percentile
 
 IDLE_TTFT_GOAL_S = 0.2
@@ -76,7 +79,7 @@ def main() -> None:
         _wait_saturated(client, job_id, stack.spec.max_batch_size)
         loaded = _under_load(client, job_id, loaded_items, measure)
         bulk_open = _open(client, job_id)
-        client.post(f"/v1/jobs/{job_id}/cancel").raise_for_status()
+        cancel_s, aborted = _cancel(stack.sessions, client, job_id)
         wait_job(client, job_id)
     figures: dict[str, Any] = {
         "ttft_source": source,
@@ -87,12 +90,37 @@ def main() -> None:
         "bulk_open_at_end": bulk_open,
         **_summary("idle", idle),
         **_summary("loaded", loaded),
+        # From the cancel's answer until the worker has aborted (and charged) every request of
+        # the job that was running: the engine work it stopped.
+        "cancel_aborted": aborted,
+        "cancel_to_engine_free_s": cancel_s,
     }
     idle_p95, loaded_p95 = figures["idle_ttft_p95_s"], figures["loaded_ttft_p95_s"]
     figures["ttft_p95_ratio"] = round(loaded_p95 / idle_p95, 3) if idle_p95 else None
     figures["idle_goal_met"] = idle_p95 <= IDLE_TTFT_GOAL_S
     figures["loaded_goal_met"] = loaded_p95 <= LOADED_TTFT_GOAL_RATIO * idle_p95
     _show(figures)
+
+
+def _cancel(
+    sessions: sessionmaker[Session], client: httpx.Client, job_id: uuid.UUID
+) -> tuple[float | None, int]:
+    """Cancel the job; seconds until the ledger has a ``cancelled`` attempt for each request
+    that was running then, and how many there were."""
+    running = select(Request.id).where(Request.job_id == job_id, Request.status == "running")
+    with sessions() as session:
+        held = set(session.scalars(running))
+    client.post(f"/v1/jobs/{job_id}/cancel").raise_for_status()
+    cancelled = time.monotonic()
+    charged = select(func.count(func.distinct(LedgerEntry.request_id))).where(
+        LedgerEntry.request_id.in_(held), LedgerEntry.outcome == "cancelled"
+    )
+    while time.monotonic() - cancelled < SATURATE_TIMEOUT_S:
+        with sessions() as session:
+            if (session.scalar(charged) or 0) >= len(held):
+                return round(time.monotonic() - cancelled, 3), len(held)
+        time.sleep(0.02)
+    return None, len(held)
 
 
 def _parse() -> argparse.Namespace:
