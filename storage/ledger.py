@@ -159,7 +159,10 @@ def _outcomes(attempts: Sequence[Attempt], closed: dict[uuid.UUID, RequestStatus
         if a.request_id not in seen:
             outcomes.append(Outcome.SUCCEEDED if a.succeeded else Outcome.FAILED)
         else:
-            outcomes.append(_STOPPED.get(closed.get(a.request_id), Outcome.DUPLICATE))
+            status = closed.get(a.request_id)
+            outcomes.append(
+                _STOPPED.get(status, Outcome.DUPLICATE) if status else Outcome.DUPLICATE
+            )
         seen.add(a.request_id)
     return outcomes
 

@@ -97,7 +97,7 @@ class Intake:
         with self._cond:
             if not self._room_for_head():
                 self._cond.wait(timeout)
-            taken = []
+            taken: list[WorkItem] = []
             while self._pending and (taken or self._room_for_head()):
                 rank = self._pending[0][0]
                 limit = self.bound + (self._interactive_extra if rank == 0 else 0)
