@@ -120,6 +120,14 @@ def api_key(sessions: sessionmaker[Session]) -> str:
     return key
 
 
+@pytest.fixture
+def tenant_id(sessions: sessionmaker[Session]) -> uuid.UUID:
+    """A fresh tenant for tests that write rows themselves."""
+    with sessions.begin() as session:
+        tenant, _key = create_tenant(session, f"tenant-{uuid.uuid4().hex[:8]}")
+        return tenant.id
+
+
 def service_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.update(

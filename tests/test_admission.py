@@ -23,7 +23,6 @@ from inferq.settings import Settings
 from storage import jobs as job_store
 from storage.models import Job, JobError, JobSource, Request
 from storage.openai_files import Batch, StoredFile, new_file_id
-from storage.tenants import create_tenant
 from tests.conftest import wait_for
 from tests.test_jobs import finished, ndjson, upload
 
@@ -49,13 +48,6 @@ def services(settings: Settings) -> Iterator[Services]:
     built = build_services(small)
     yield built
     built.dispose()
-
-
-@pytest.fixture
-def tenant_id(sessions: sessionmaker[Session]) -> uuid.UUID:
-    with sessions.begin() as session:
-        tenant, _key = create_tenant(session, f"tenant-{uuid.uuid4().hex[:8]}")
-        return tenant.id
 
 
 def jsonl(items: list[object]) -> bytes:

@@ -17,7 +17,7 @@ from api.app import create_app
 from inferq.enums import Outcome, Priority, RequestStatus, TaskKind
 from inferq.settings import Settings
 from router import load_config
-from storage.models import Job, LedgerEntry, Request, Tenant
+from storage.models import Job, LedgerEntry, Request
 from storage.tenants import create_tenant
 from tasks.app import create_celery
 from tasks.contract import EngineRequest, RunMessage
@@ -30,15 +30,6 @@ from workers.runtime import WorkerRuntime
 
 LONG_AGO = datetime.now(UTC) - timedelta(hours=1)
 DEAD_PORT = 1  # nothing listens there
-
-
-@pytest.fixture
-def tenant_id(sessions: sessionmaker[Session]) -> uuid.UUID:
-    with sessions.begin() as session:
-        tenant = Tenant(name=f"durable-{uuid.uuid4().hex[:8]}")
-        session.add(tenant)
-        session.flush()
-        return tenant.id
 
 
 @pytest.fixture

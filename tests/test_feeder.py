@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inferq.enums import Outcome, Priority, RequestStatus, TaskKind
 from router.config import RouterConfig
-from storage.models import LedgerEntry, Request, Tenant
+from storage.models import LedgerEntry, Request
 from storage.requests import cancel_request
 from tasks.contract import EngineRequest, RunMessage
 from tests.conftest import wait_for
@@ -39,15 +39,6 @@ CONFIG = RouterConfig.model_validate(
         "routes": [{"task": "*", "model": "s"}],
     }
 )
-
-
-@pytest.fixture
-def tenant_id(sessions: sessionmaker[Session]) -> uuid.UUID:
-    with sessions.begin() as session:
-        tenant = Tenant(name=f"feeder-{uuid.uuid4().hex[:8]}")
-        session.add(tenant)
-        session.flush()
-        return tenant.id
 
 
 @pytest.fixture

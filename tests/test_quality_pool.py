@@ -26,7 +26,6 @@ from inferq.settings import Settings
 from router.config import RouterConfig
 from storage.eval_models import EvalCounter, EvalPoolItem
 from storage.models import Request
-from storage.tenants import create_tenant
 from tasks.contract import EngineRequest, RunMessage
 from workers.runtime import WorkerRuntime
 
@@ -56,13 +55,6 @@ def clean_pool(sessions: sessionmaker[Session]) -> Iterator[None]:
     wipe()
     yield
     wipe()
-
-
-@pytest.fixture
-def tenant_id(sessions: sessionmaker[Session]) -> uuid.UUID:
-    with sessions.begin() as session:
-        tenant, _key = create_tenant(session, f"pool-{uuid.uuid4().hex[:8]}")
-        return tenant.id
 
 
 def make_requests(

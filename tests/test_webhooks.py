@@ -29,7 +29,7 @@ from inferq.netguard import GuardedTransport, UnsafeURL, check_url
 from inferq.settings import Settings
 from router import load_config
 from storage.models import Tenant
-from storage.tenants import create_tenant, tenant_for_key
+from storage.tenants import tenant_for_key
 from storage.webhooks import (
     DeliveryStatus,
     WebhookDelivery,
@@ -108,13 +108,6 @@ def receiver() -> Iterator[Receiver]:
 
 
 # --- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tenant_id(sessions: sessionmaker[Session]) -> uuid.UUID:
-    with sessions.begin() as session:
-        tenant, _key = create_tenant(session, f"tenant-{uuid.uuid4().hex[:8]}")
-    return tenant.id
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from inferq.enums import Outcome, Priority, RequestStatus, TaskKind
 from router.config import RouterConfig
 from storage.ledger import Attempt, record_batch
-from storage.models import LedgerEntry, Request, Tenant
+from storage.models import LedgerEntry, Request
 from tasks.contract import EngineRequest, RunMessage
 from workers.engines.scripted import Rule, ScriptedEngine
 from workers.runtime import WorkerRuntime
@@ -34,15 +34,6 @@ CONFIG = RouterConfig.model_validate(
         "routes": [{"task": "*", "model": "s"}],
     }
 )
-
-
-@pytest.fixture
-def tenant_id(sessions: sessionmaker[Session]) -> uuid.UUID:
-    with sessions.begin() as session:
-        tenant = Tenant(name=f"pipeline-{uuid.uuid4().hex[:8]}")
-        session.add(tenant)
-        session.flush()
-        return tenant.id
 
 
 @pytest.fixture
