@@ -7,6 +7,7 @@ still sit on its queue; a valid request proves that check can fail.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import httpx
 import pytest
@@ -352,6 +353,27 @@ def test_chat_completions_refuse_nan_in_the_response_format(
     assert rows_for_key(sessions, api_key) == 0
 
 
+def create_batch(client: httpx.Client, lines: list[bytes]) -> dict[str, Any]:
+    """Upload Batch API lines and create a batch of them; the batch as created."""
+    upload = client.post(
+        "/v1/files",
+        files={"file": ("lines.jsonl", b"\n".join(lines) + b"\n")},
+        data={"purpose": "batch"},
+    )
+    assert upload.status_code == 200, upload.text
+    created = client.post(
+        "/v1/batches",
+        json={
+            "input_file_id": upload.json()["id"],
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
+    )
+    assert created.status_code == 200, created.text
+    batch: dict[str, Any] = created.json()
+    return batch
+
+
 def test_batch_lines_with_bad_sampling_are_refused_line_by_line(
     client: httpx.Client, api_key: str, sessions: sessionmaker[Session]
 ) -> None:
@@ -366,22 +388,7 @@ def test_batch_lines_with_bad_sampling_are_refused_line_by_line(
         line("nan", ', "temperature": NaN'),
         line("stop", ', "stop": ["a", ""]'),
     ]
-    upload = client.post(
-        "/v1/files",
-        files={"file": ("bad.jsonl", b"\n".join(bad) + b"\n")},
-        data={"purpose": "batch"},
-    )
-    assert upload.status_code == 200, upload.text
-    created = client.post(
-        "/v1/batches",
-        json={
-            "input_file_id": upload.json()["id"],
-            "endpoint": "/v1/chat/completions",
-            "completion_window": "24h",
-        },
-    )
-    assert created.status_code == 200, created.text
-    batch = created.json()
+    batch = create_batch(client, bad)
     assert batch["status"] == "failed"  # no good line: nothing runs
     messages = {e["line"]: e["message"] for e in batch["errors"]["data"]}
     assert messages[1].startswith("body.seed:"), messages
@@ -390,21 +397,7 @@ def test_batch_lines_with_bad_sampling_are_refused_line_by_line(
     assert rows_for_key(sessions, api_key) == 0
 
     good = line("good", ', "seed": 7')
-    upload = client.post(
-        "/v1/files",
-        files={"file": ("mixed.jsonl", b"\n".join([good, *bad]) + b"\n")},
-        data={"purpose": "batch"},
-    )
-    created = client.post(
-        "/v1/batches",
-        json={
-            "input_file_id": upload.json()["id"],
-            "endpoint": "/v1/chat/completions",
-            "completion_window": "24h",
-        },
-    )
-    assert created.status_code == 200, created.text
-    batch = created.json()
+    batch = create_batch(client, [good, *bad])
     assert batch["status"] == "in_progress"
     assert batch["request_counts"]["total"] == 4
     assert rows_for_key(sessions, api_key) == 1  # the good line only

@@ -108,6 +108,14 @@ def status_of(client: httpx.Client, request_id: str) -> str:
     return str(client.get(f"/v1/requests/{request_id}").json()["status"])
 
 
+def wait_cancelled(client: httpx.Client, request_id: str, *, timeout: float) -> None:
+    wait_for(
+        lambda: status_of(client, request_id) == "cancelled",
+        timeout=timeout,
+        what="the abandoned request to be cancelled",
+    )
+
+
 def submit(client: httpx.Client, model: str, **params: object) -> str:
     body = {"task": "chat", "input": {"messages": CHAT}, "model": model, "stream": True}
     answer = client.post("/v1/requests", json={**body, "params": params})
@@ -229,11 +237,7 @@ def test_closing_the_stream_cancels_the_request(
     with client.stream("GET", f"/v1/requests/{request_id}/stream") as response:
         publisher.publish([TokenEvent(request_id, delta="Once")])
         assert next(sse_events(response))[0] == "token"
-    wait_for(
-        lambda: status_of(client, request_id) == "cancelled",
-        timeout=30,
-        what="the abandoned request to be cancelled",
-    )
+    wait_cancelled(client, request_id, timeout=30)
 
 
 def test_openai_stream_with_usage(
@@ -358,11 +362,7 @@ def test_closing_a_vllm_stream_aborts_the_request(client: httpx.Client) -> None:
     request_id = submit(client, "tiny", max_tokens=400, ignore_eos=True)
     with client.stream("GET", f"/v1/requests/{request_id}/stream") as response:
         assert next(sse_events(response))[0] == "token"
-    wait_for(
-        lambda: status_of(client, request_id) == "cancelled",
-        timeout=60,
-        what="the abandoned request to be cancelled",
-    )
+    wait_cancelled(client, request_id, timeout=60)
 
 
 def test_closing_an_openai_stream_cancels_the_request(
@@ -376,8 +376,4 @@ def test_closing_an_openai_stream_cancels_the_request(
     )
     request_id = str(uuid.UUID(next(stream).id.removeprefix("chatcmpl-")))
     stream.close()
-    wait_for(
-        lambda: status_of(client, request_id) == "cancelled",
-        timeout=60,
-        what="the abandoned request to be cancelled",
-    )
+    wait_cancelled(client, request_id, timeout=60)
