@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Priority, TaskKind
+from inferq.enums import Priority, RequestStatus, TaskKind
 from inferq.settings import Settings
 from storage.db import make_engine, make_sessionmaker, normalise_url
 from storage.migrate import upgrade
@@ -266,3 +267,45 @@ def message_for(row: Request, *, max_tokens: int = 8) -> RunMessage:
         enqueued_at=time.time(),
         fallbacks=row.fallbacks,
     )
+
+
+def queued_runs(
+    sessions: sessionmaker[Session],
+    tenant_id: uuid.UUID,
+    prompts: list[str],
+    *,
+    model: str,
+    max_tokens: int = 8,
+    ignore_eos: bool = False,
+    priority: Priority = Priority.BATCH,
+    deadline: datetime | None = None,
+) -> list[RunMessage]:
+    """Committed ``complete`` requests on ``model`` and the messages the API would publish."""
+    messages = []
+    with sessions.begin() as session:
+        for prompt in prompts:
+            row = Request(
+                tenant_id=tenant_id,
+                task=TaskKind.COMPLETE,
+                status=RequestStatus.QUEUED,
+                priority=priority,
+                model=model,
+                input={"prompt": prompt},
+                params={},
+                deadline_at=deadline,
+            )
+            session.add(row)
+            session.flush()
+            request = EngineRequest(prompt=prompt, max_tokens=max_tokens, ignore_eos=ignore_eos)
+            messages.append(
+                RunMessage(
+                    request_id=str(row.id),
+                    tenant_id=str(tenant_id),
+                    model=model,
+                    task=TaskKind.COMPLETE,
+                    priority=priority,
+                    engine_request=request,
+                    enqueued_at=time.time(),
+                )
+            )
+    return messages

@@ -5,7 +5,6 @@ deadlines abort inside the engine, and a failing or wedged engine is handled."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,12 +13,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Outcome, Priority, RequestStatus, TaskKind
+from inferq.enums import Outcome, Priority, RequestStatus
 from router.config import RouterConfig
 from storage.models import LedgerEntry, Request
 from storage.requests import cancel_request
-from tasks.contract import EngineRequest, RunMessage
-from tests.conftest import wait_for
+from tasks.contract import RunMessage
+from tests.conftest import queued_runs, wait_for
 from workers.consumer import Credit
 from workers.engines.scripted import Rule
 from workers.engines.scripted_steps import ScriptedStepEngine
@@ -96,35 +95,16 @@ def queued(
     deadline: datetime | None = None,
 ) -> list[RunMessage]:
     """Committed requests and their messages; each answers ``max_tokens`` words, one a step."""
-    messages = []
-    with sessions.begin() as session:
-        for prompt in prompts:
-            row = Request(
-                tenant_id=tenant_id,
-                task=TaskKind.COMPLETE,
-                status=RequestStatus.QUEUED,
-                priority=priority,
-                model="s",
-                input={"prompt": prompt},
-                params={},
-                deadline_at=deadline,
-            )
-            session.add(row)
-            session.flush()
-            messages.append(
-                RunMessage(
-                    request_id=str(row.id),
-                    tenant_id=str(tenant_id),
-                    model="s",
-                    task=TaskKind.COMPLETE,
-                    priority=priority,
-                    engine_request=EngineRequest(
-                        prompt=prompt, max_tokens=max_tokens, ignore_eos=True
-                    ),
-                    enqueued_at=time.time(),
-                )
-            )
-    return messages
+    return queued_runs(
+        sessions,
+        tenant_id,
+        prompts,
+        model="s",
+        max_tokens=max_tokens,
+        ignore_eos=True,
+        priority=priority,
+        deadline=deadline,
+    )
 
 
 def ledger(sessions: sessionmaker[Session], request_id: str) -> list[LedgerEntry]:

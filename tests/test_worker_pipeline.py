@@ -3,7 +3,6 @@ exact batch sizes, one transaction per batch, first success wins."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -12,11 +11,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Outcome, Priority, RequestStatus, TaskKind
+from inferq.enums import Outcome, RequestStatus, TaskKind
 from router.config import RouterConfig
 from storage.ledger import Attempt, record_batch
 from storage.models import LedgerEntry, Request
-from tasks.contract import EngineRequest, RunMessage
+from tasks.contract import RunMessage
+from tests.conftest import queued_runs
 from workers.engines.scripted import Rule, ScriptedEngine
 from workers.runtime import WorkerRuntime
 
@@ -59,32 +59,7 @@ def runtime(engine: ScriptedEngine, sessions: sessionmaker[Session]) -> Iterator
 def queued(
     sessions: sessionmaker[Session], tenant_id: uuid.UUID, prompts: list[str]
 ) -> list[RunMessage]:
-    messages = []
-    with sessions.begin() as session:
-        for prompt in prompts:
-            row = Request(
-                tenant_id=tenant_id,
-                task=TaskKind.COMPLETE,
-                status=RequestStatus.QUEUED,
-                priority=Priority.BATCH,
-                model="s",
-                input={"prompt": prompt},
-                params={},
-            )
-            session.add(row)
-            session.flush()
-            messages.append(
-                RunMessage(
-                    request_id=str(row.id),
-                    tenant_id=str(tenant_id),
-                    model="s",
-                    task=TaskKind.COMPLETE,
-                    priority=Priority.BATCH,
-                    engine_request=EngineRequest(prompt=prompt, max_tokens=8),
-                    enqueued_at=time.time(),
-                )
-            )
-    return messages
+    return queued_runs(sessions, tenant_id, prompts, model="s")
 
 
 def test_buffered_requests_run_as_full_batches(
