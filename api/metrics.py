@@ -8,6 +8,7 @@ the module, so every app (and every test) has its own.
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -38,16 +39,35 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 def metrics(request: Request) -> Response:
+    token: str = request.app.state.metrics_token
+    if token and not _bearer_matches(request.headers.get("authorization", ""), token):
+        return Response(
+            "metrics need 'Authorization: Bearer <INFERQ_METRICS_TOKEN>'\n",
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     registry: CollectorRegistry = request.app.state.metrics_registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def install_metrics(app: FastAPI, *, ttl_s: float = CACHE_TTL_S) -> None:
-    """Give the app its registry and route; services are looked up when a scrape comes."""
+def _bearer_matches(header: str, token: str) -> bool:
+    scheme, _, given = header.partition(" ")
+    # compare_digest: no early exit on the first differing character of the token.
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token)
+
+
+def install_metrics(app: FastAPI, *, ttl_s: float = CACHE_TTL_S, token: str = "") -> None:
+    """Give the app its registry and route; services are looked up when a scrape comes.
+
+    Args:
+        token: when set, scrapes must send it as a Bearer token (queue depths and model
+            names are not for every caller that can reach the API's port).
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(QueueCollector(lambda: app.state.services, ttl_s=ttl_s))
     registry.register(RegressionCollector(lambda: app.state.services, ttl_s=EVAL_TTL_S))
     app.state.metrics_registry = registry
+    app.state.metrics_token = token
     app.include_router(router)
 
 

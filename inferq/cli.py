@@ -164,6 +164,30 @@ def reconcile(settings: Settings) -> None:
 
 
 @main.command()
+@click.option("--older-than", required=True, help="A duration (30d, 12h) or an ISO time.")
+@pass_settings
+def prune(settings: Settings, older_than: str) -> None:
+    """Delete uploaded files and empty the payloads of finished requests older than that;
+    request rows and the ledger (so `inferq report`) stay as they were."""
+    from datetime import UTC, datetime
+
+    from inferq.report import parse_when
+    from storage.db import make_engine, make_sessionmaker
+    from storage.retention import prune as prune_old
+
+    cutoff = parse_when(older_than, datetime.now(UTC))
+    engine = make_engine(settings.database_url)
+    try:
+        done = prune_old(make_sessionmaker(engine), cutoff)
+    finally:
+        engine.dispose()
+    click.echo(
+        f"before {cutoff.isoformat()}: {done.files} files ({done.file_bytes} bytes) deleted, "
+        f"{done.requests} request payloads emptied"
+    )
+
+
+@main.command()
 @click.option("--limit", type=int, default=None, help="Only the first N sample products.")
 @click.option("--file", "products", type=click.Path(exists=True, path_type=Path), default=None)
 @pass_settings
@@ -235,6 +259,9 @@ def _register_client_commands() -> None:
 
     for command in (submit, jobs, results, report, eval_group):
         main.add_command(command)
+    from inferq.cli_keys import key_group
+
+    tenant.add_command(key_group)
 
 
 _register_client_commands()

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 COMPOSE=${COMPOSE:-docker-compose}
-SECRETS=(POSTGRES_PASSWORD FLOWER_USER FLOWER_PASSWORD)
+SECRETS=(POSTGRES_PASSWORD REDIS_PASSWORD FLOWER_USER FLOWER_PASSWORD)
 
 if ! command -v "$COMPOSE" >/dev/null; then
     echo "validate-compose: '$COMPOSE' not found (apt-get install -y docker-compose)" >&2

@@ -74,8 +74,11 @@ class ApiKey(Base):
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     # SHA-256 of a 256-bit random key: the key itself is shown once and never stored.
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    prefix: Mapped[str] = mapped_column(String(16))
+    # A public identifier (``iq_`` and 12 random hex): no character of the secret.
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set by ``inferq tenant key revoke``; a revoked key is refused once caches expire.
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Job(Base):
@@ -120,6 +123,8 @@ class Request(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_requests_tenant_idempotency"),
         Index("ix_requests_status_model", "status", "model"),
+        # Fair claims: the tenants waiting on a model, each one's oldest first (storage.requests).
+        Index("ix_requests_fair_order", "status", "model", "priority", "tenant_id", "created_at"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)

@@ -15,6 +15,7 @@ import uuid
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import httpx
@@ -33,6 +34,19 @@ SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 # ${NAME}, ${NAME:-default}, ${NAME:?message}, ... and bare $NAME ($$ is a literal dollar).
 INTERPOLATION = re.compile(r"(?<!\$)\$(?:\{(?P<braced>\w+)(?P<rest>[^}]*)\}|(?P<bare>\w+))")
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|BASIC_AUTH", re.IGNORECASE)
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's substitution: ``${NAME}``, ``${NAME:-default}``, ``${NAME:?message}``."""
+
+    def value(match: re.Match[str]) -> str:
+        name, rest = match["braced"] or match["bare"], match["rest"] or ""
+        if env.get(name):
+            return env[name]
+        assert rest.startswith(":-"), f"{match[0]}: not set and no default"
+        return rest[2:]
+
+    return INTERPOLATION.sub(value, text)
 
 
 def command_of(service: dict[str, Any]) -> list[str]:
@@ -170,7 +184,11 @@ def test_flower_runs_celery_flower_behind_basic_auth() -> None:
     for arg in [a for a in args[split + 1 :] if a.startswith("--")]:
         name = arg[2:].split("=", 1)[0]
         assert name in flower_options, f"flower has no option --{name}"
-    assert f"--broker={COMPOSE['x-inferq-env']['INFERQ_BROKER_URL']}" in args
+    # The broker URL carries the Redis password: environment, not command line (`ps`).
+    assert (
+        environment_of(flower)["CELERY_BROKER_URL"] == COMPOSE["x-inferq-env"]["INFERQ_BROKER_URL"]
+    )
+    assert not [a for a in args if "redis://" in a or a.startswith(("-b", "--broker"))]
 
     assert "basic_auth" in flower_options
     in_args = [a.split("=", 1)[1] for a in args if a.startswith("--basic-auth=")]
@@ -245,6 +263,42 @@ def test_secrets_are_required_variables_without_defaults() -> None:
                 assert INTERPOLATION.search(value), f"{name}: {key} is a literal"
 
 
+@pytest.mark.parametrize("name", ["flower", "prometheus"])
+def test_dashboards_listen_on_localhost_unless_told(name: str) -> None:
+    ports = SERVICES[name]["ports"]
+    assert ports and all(p.startswith("${INFERQ_BIND:-127.0.0.1}:") for p in ports), ports
+    assert all(interpolate(p, {}).startswith("127.0.0.1:") for p in ports)
+    opened = [interpolate(p, {"INFERQ_BIND": "0.0.0.0"}) for p in ports]
+    assert all(p.startswith("0.0.0.0:") for p in opened), "INFERQ_BIND=0.0.0.0 opens them"
+
+
+def test_only_the_api_is_published_on_every_interface() -> None:
+    for name, service in SERVICES.items():
+        for port in service.get("ports", []):
+            if name != "api":
+                bound = interpolate(str(port), {}).split(":")
+                assert len(bound) == 3 and bound[0], f"{name}: {port} binds every interface"
+
+
+def test_redis_requires_the_password_its_clients_send() -> None:
+    redis_service = SERVICES["redis"]
+    command = command_of(redis_service)
+    assert command[0] == "redis-server"
+    password = command[command.index("--requirepass") + 1]
+    assert re.fullmatch(r"\$\{REDIS_PASSWORD:\?[^}]*\}", password), password
+    # The healthcheck's redis-cli authenticates from REDISCLI_AUTH.
+    assert environment_of(redis_service)["REDISCLI_AUTH"] == password
+    assert "redis-cli" in SERVICES["redis"]["healthcheck"]["test"]
+    given = {"REDIS_PASSWORD": "s3cret"}
+    for url in (
+        COMPOSE["x-inferq-env"]["INFERQ_BROKER_URL"],
+        environment_of(SERVICES["flower"])["CELERY_BROKER_URL"],
+    ):
+        parsed = urlsplit(interpolate(url, given))
+        assert (parsed.scheme, parsed.password, parsed.hostname) == ("redis", "s3cret", "redis")
+    assert "REDIS_PASSWORD" in (ROOT / "scripts" / "validate-compose.sh").read_text()
+
+
 def test_dockerfile_matches_commands() -> None:
     """Commands name their program (inferq, celery), so the image must not add an ENTRYPOINT."""
     dockerfile = (ROOT / "Dockerfile").read_text()
@@ -262,17 +316,17 @@ def test_flower_as_composed_refuses_callers_without_its_credentials(
     """Run Flower with the compose file's command and environment (its variables set to test
     values): pages need the credentials, only the healthcheck answers without them."""
     flower = SERVICES["flower"]
-    given = {"FLOWER_USER": "ops", "FLOWER_PASSWORD": f"pw-{uuid.uuid4().hex}"}
-    env = {
-        key: INTERPOLATION.sub(lambda m: given[m["braced"] or m["bare"]], value)
-        for key, value in environment_of(flower).items()
+    given = {
+        "FLOWER_USER": "ops",
+        "FLOWER_PASSWORD": f"pw-{uuid.uuid4().hex}",
+        "REDIS_PASSWORD": "x",
     }
+    env = {key: interpolate(value, given) for key, value in environment_of(flower).items()}
     assert env["FLOWER_BASIC_AUTH"] == f"ops:{given['FLOWER_PASSWORD']}"
+    assert env["CELERY_BROKER_URL"] == "redis://:x@redis:6379/0"
+    env["CELERY_BROKER_URL"] = broker_url  # the test Redis, which has no password
     port = free_port()
-    args = [
-        f"--broker={broker_url}" if a.startswith("--broker=") else a for a in command_of(flower)[1:]
-    ]
-    args = [f"--port={port}" if a.startswith("--port=") else a for a in args]
+    args = [f"--port={port}" if a.startswith("--port=") else a for a in command_of(flower)[1:]]
     log = (tmp_path / "flower.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", *args],
@@ -283,6 +337,11 @@ def test_flower_as_composed_refuses_callers_without_its_credentials(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _answers(proc, f"{url}/healthcheck"), timeout=120, what="flower")
+        logged = (tmp_path / "flower.log").read_text
+        wait_for(lambda: "Broker:" in logged(), timeout=60, what="flower to name its broker")
+        where = urlsplit(broker_url)  # Flower masks any password it logs: compare the rest
+        named = re.escape(f"{where.hostname}:{where.port}{where.path}")
+        assert re.search(rf"Broker: redis://(\S*@)?{named}\s", logged()), "no CELERY_BROKER_URL"
         assert httpx.get(f"{url}/").status_code == 401
         assert httpx.get(f"{url}/", auth=("ops", "wrong")).status_code == 401
         assert httpx.get(f"{url}/workers", auth=("ops", "wrong")).status_code == 401

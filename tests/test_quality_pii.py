@@ -57,6 +57,22 @@ def test_invalid_lookalikes_stay(stripper: PiiStripper, text: str) -> None:
     assert not result.counts
 
 
+@pytest.mark.parametrize(
+    "address",
+    ["ops@build.example", "jane@printer.local", "a.b@hr.internal", "j_doe@mail.corp"],
+)
+def test_email_on_a_private_tld_is_removed(stripper: PiiStripper, address: str) -> None:
+    # An address is personal data whatever its TLD; the public-suffix list does not decide.
+    result = stripper.strip_text(f"mail {address}, thanks")
+    assert result.value == "mail <EMAIL>, thanks"
+    assert dict(result.counts) == {"email": 1}
+
+
+def test_version_pins_are_not_addresses(stripper: PiiStripper) -> None:
+    text = "pin requests@2.31.0 and left-pad@1.3.0"
+    assert stripper.strip_text(text).value == text
+
+
 def test_catalogue_text_is_left_alone(stripper: PiiStripper) -> None:
     products = [item["text"] for item in held_out_products()]
     extra = (

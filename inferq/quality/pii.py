@@ -5,7 +5,8 @@ blank spaCy pipeline (``spacy.blank("en")``: a tokenizer only, nothing downloade
 the recognizers below, each of which validates its own matches:
 
 =================  ==========================================================================
-``<EMAIL>``        Presidio ``EmailRecognizer`` (pattern + TLD check).
+``<EMAIL>``        Presidio ``EmailRecognizer``'s pattern, any alphabetic TLD (``.local`` and
+                   ``.corp`` too); ``name@1.2.3`` (a version) is not an address.
 ``<PHONE>``        Presidio ``PhoneRecognizer``: the ``phonenumbers`` matcher, numbers valid
                    in US, GB, DE, FR, IL, IN, CA or BR, or in any region when written with a
                    ``+`` country code.
@@ -118,6 +119,16 @@ def _non_overlapping(results: Sequence[Any]) -> list[Any]:
     return kept
 
 
+def _email_domain_ok(address: str) -> bool:
+    """Whether the part after ``@`` ends in a TLD: letters (or IDNA ``xn--``), two or more.
+
+    Public or not: an address on ``.example`` or ``.internal`` names a person as surely as
+    one on ``.com``. A numeric last label (``pkg@1.2.3``) is a version, not a domain.
+    """
+    tld = address.rpartition("@")[2].rpartition(".")[2]
+    return (len(tld) >= 2 and tld.isalpha()) or tld.lower().startswith("xn--")
+
+
 def build_stripper(*, nlp: Any = None) -> PiiStripper:
     """Build the analyzer once: Presidio's validating recognizers over a spaCy pipeline.
 
@@ -148,15 +159,11 @@ def build_stripper(*, nlp: Any = None) -> PiiStripper:
         def load(self) -> None:
             self.nlp = {"en": self._pipeline}  # type: ignore[assignment]
 
-    import tldextract
-
-    # tldextract's default fetches the public-suffix list over the network on first use;
-    # the snapshot bundled with the package is enough to tell a domain from a typo.
-    offline_tlds = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
-
-    class _OfflineEmailRecognizer(EmailRecognizer):
+    class _AnyTldEmailRecognizer(EmailRecognizer):
+        # Presidio checks the domain against the public-suffix list, which misses addresses
+        # on private TLDs (``.local``, ``.corp``, ``.internal``): personal data all the same.
         def validate_result(self, pattern_text: str) -> bool:
-            return bool(offline_tlds(pattern_text).fqdn)
+            return _email_domain_ok(pattern_text)
 
     credentials = PatternRecognizer(
         supported_entity="URL_CREDENTIALS",
@@ -166,7 +173,7 @@ def build_stripper(*, nlp: Any = None) -> PiiStripper:
         ],
     )
     recognizers = [
-        _OfflineEmailRecognizer(),
+        _AnyTldEmailRecognizer(),
         PhoneRecognizer(),
         CreditCardRecognizer(),
         IbanRecognizer(),
