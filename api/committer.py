@@ -72,9 +72,12 @@ class GroupCommitter:
             if len(group) == 1:
                 group[0].future.set_exception(exc)
                 return
-            # One bad request (say, an idempotency key raced) must not fail its neighbours.
-            for pending in group:
-                self._commit([pending])
+            # One bad request (say, an idempotency key raced) must not fail its neighbours:
+            # halve the group until it fails alone, a few commits rather than one per request.
+            # (Values Postgres refuses are refused before they get here: api.storable.)
+            half = len(group) // 2
+            self._commit(group[:half])
+            self._commit(group[half:])
             return
         for pending, result in zip(group, results, strict=True):
             pending.future.set_result(result)

@@ -1,4 +1,9 @@
-"""Webhook handlers: register endpoints (and read their secrets), inspect and replay deliveries."""
+"""Webhook handlers: register endpoints, rotate their secrets, inspect and replay deliveries.
+
+A secret is shown once: in the answer that registers its endpoint (or, for an endpoint a
+request created with ``webhook_url``, in the first registration), and in the answer of each
+rotation. Lists and later registrations show ``secret_hint`` only.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,15 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Caller, services_of
+from api.limits import TooBusy
 from api.schemas import Problem
 from api.service import BadRequest, Services
 from inferq.netguard import UnsafeURL, check_url
+from inferq.signing import secret_hint
 from storage.webhooks import (
     DeliveryStatus,
     EndpointDisabled,
+    ReplayLimited,
     WebhookDelivery,
     WebhookEndpoint,
     get_delivery,
@@ -23,6 +31,8 @@ from storage.webhooks import (
     list_endpoints,
     register_endpoint,
     reset_for_replay,
+    reveal_secret,
+    rotate_secret,
 )
 from tasks.webhooks import publish_deliveries
 
@@ -36,23 +46,37 @@ class CreateEndpoint(BaseModel):
 
 
 class EndpointPublic(BaseModel):
-    """An endpoint with its signing secret: the receiver needs it to verify deliveries."""
+    """An endpoint as lists show it: the secret only as a hint (its last characters)."""
 
     id: uuid.UUID
     url: str
-    secret: str
+    secret_hint: str
     disabled_at: datetime | None
     created_at: datetime
+    # After a rotation, until when the previous secret also signs deliveries.
+    previous_secret_until: datetime | None = None
 
     @classmethod
     def of(cls, row: WebhookEndpoint) -> EndpointPublic:
         return cls(
             id=row.id,
             url=row.url,
-            secret=row.secret,
+            secret_hint=secret_hint(row.secret),
             disabled_at=row.disabled_at,
             created_at=row.created_at,
+            previous_secret_until=row.previous_secret_until,
         )
+
+
+class EndpointSecret(EndpointPublic):
+    """A registration or rotation: ``secret`` in full the one time it is shown, else null
+    (rotate the secret to get a new one)."""
+
+    secret: str | None
+
+    @classmethod
+    def shown(cls, row: WebhookEndpoint, secret: str | None) -> EndpointSecret:
+        return cls(**EndpointPublic.of(row).model_dump(), secret=secret)
 
 
 class EndpointList(BaseModel):
@@ -90,15 +114,37 @@ def list_webhook_endpoints(request: Request, tenant: Caller) -> EndpointList:
 @router.post("/v1/webhook-endpoints")
 def create_webhook_endpoint(
     request: Request, tenant: Caller, body: CreateEndpoint
-) -> EndpointPublic:
-    """Get or create the endpoint for a URL (re-enabling it after a 410) and show its secret."""
+) -> EndpointSecret:
+    """Get or create the endpoint for a URL (re-enabling it after a 410); its secret is in the
+    answer the first time only."""
     services = services_of(request)
+    settings = services.settings
     try:
-        check_url(body.url, allow_private=services.settings.webhook_allow_private)
+        check_url(
+            body.url,
+            allow_private=settings.webhook_allow_private,
+            dns_timeout_s=settings.webhook_dns_timeout_s,
+        )
     except UnsafeURL as exc:
         raise BadRequest(f"url: {exc}") from exc
     with services.sessions.begin() as session:
-        return EndpointPublic.of(register_endpoint(session, tenant.id, body.url))
+        endpoint = register_endpoint(session, tenant.id, body.url)
+        return EndpointSecret.shown(endpoint, reveal_secret(session, endpoint))
+
+
+@router.post("/v1/webhook-endpoints/{endpoint_id}/rotate-secret")
+def rotate_webhook_secret(
+    request: Request, tenant: Caller, endpoint_id: uuid.UUID
+) -> EndpointSecret:
+    """A new secret, shown in this answer only. The old one keeps signing beside it until
+    ``previous_secret_until`` (``webhook_rotation_grace_s``), so receivers can switch over."""
+    services = services_of(request)
+    grace_s = services.settings.webhook_rotation_grace_s
+    with services.sessions.begin() as session:
+        endpoint = rotate_secret(session, tenant.id, endpoint_id, grace_s=grace_s)
+        if endpoint is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no webhook endpoint {endpoint_id}")
+        return EndpointSecret.shown(endpoint, endpoint.secret)
 
 
 @router.get("/v1/webhook-deliveries")
@@ -122,7 +168,8 @@ def get_webhook_delivery(
 
 
 REPLAY_CONFLICT: dict[int | str, dict[str, Any]] = {
-    409: {"model": Problem, "description": "The endpoint is disabled (it answered 410)."}
+    409: {"model": Problem, "description": "The endpoint is disabled (it answered 410)."},
+    429: {"model": Problem, "description": "Replayed too often; retry after ``Retry-After``."},
 }
 
 
@@ -139,11 +186,14 @@ def replay_webhook_delivery(
 
 
 def _replay(services: Services, tenant_id: uuid.UUID, delivery_id: uuid.UUID) -> WebhookDelivery:
+    per_minute = services.settings.webhook_replays_per_minute
     try:
         with services.sessions.begin() as session:
-            row = reset_for_replay(session, tenant_id, delivery_id)
+            row = reset_for_replay(session, tenant_id, delivery_id, per_minute=per_minute)
     except EndpointDisabled as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    except ReplayLimited as exc:
+        raise TooBusy(str(exc), retry_after=exc.retry_after) from exc
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no webhook delivery {delivery_id}")
     publish_deliveries(services.celery, [row.id])  # after the commit, never before

@@ -12,7 +12,8 @@ receiver checks it, and the timestamp's freshness, before trusting the body::
         return 400
 
 ``webhook-id`` stays the same across retries and replays of one delivery: receivers use it
-to drop duplicates.
+to drop duplicates. After a secret rotation, deliveries carry two signatures (new, then old)
+until the old secret's grace period ends, so a receiver may switch secrets at any time.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 SECRET_PREFIX = "whsec_"
 DEFAULT_TOLERANCE_S = 300
@@ -45,13 +46,22 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def headers(secret: str, msg_id: str, body: bytes, now: int | None = None) -> dict[str, str]:
-    """The three Standard Webhooks headers for sending ``body`` now (or at ``now``)."""
+def secret_hint(secret: str) -> str:
+    """What lists show of a secret: enough to tell two apart, not enough to sign."""
+    return f"{SECRET_PREFIX}...{secret[-4:]}"
+
+
+def headers(
+    secret: str | Sequence[str], msg_id: str, body: bytes, now: int | None = None
+) -> dict[str, str]:
+    """The three Standard Webhooks headers for sending ``body`` now (or at ``now``); several
+    secrets give several space-separated signatures (during a rotation)."""
     timestamp = int(time.time()) if now is None else now
+    keys = [secret] if isinstance(secret, str) else list(secret)
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(secret, msg_id, timestamp, body),
+        "webhook-signature": " ".join(sign(key, msg_id, timestamp, body) for key in keys),
     }
 
 

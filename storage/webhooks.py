@@ -6,9 +6,10 @@ own transaction and, after the commit, ``tasks.webhooks.publish_deliveries`` wit
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    func,
     select,
     update,
 )
@@ -27,7 +29,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from inferq.signing import new_secret
-from storage.models import Base, _enum, utcnow
+from storage.models import Base, _enum, as_utc, utcnow
+
+REPLAY_WINDOW_S = 60.0
 
 
 class DeliveryStatus(StrEnum):
@@ -38,7 +42,11 @@ class DeliveryStatus(StrEnum):
 
 
 class WebhookEndpoint(Base):
-    """A tenant's receiving URL and the secret its deliveries are signed with."""
+    """A tenant's receiving URL and the secret its deliveries are signed with.
+
+    The secret is shown once (``secret_shown_at``); after a rotation the previous one keeps
+    signing, beside the new one, until ``previous_secret_until``.
+    """
 
     __tablename__ = "webhook_endpoints"
     __table_args__ = (UniqueConstraint("tenant_id", "url", name="uq_webhook_endpoints_tenant_url"),)
@@ -50,13 +58,26 @@ class WebhookEndpoint(Base):
     # Set when the receiver answers 410 Gone; registering the URL again clears it.
     disabled_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_secret_until: Mapped[datetime | None]
+    secret_shown_at: Mapped[datetime | None]
+
+    def signing_secrets(self, now: datetime) -> tuple[str, ...]:
+        """The current secret, then the previous one while its grace period lasts."""
+        until = self.previous_secret_until
+        if self.previous_secret and until is not None and as_utc(until) > now:
+            return (self.secret, self.previous_secret)
+        return (self.secret,)
 
 
 class WebhookDelivery(Base):
     """One event for one endpoint; its id is the ``webhook-id`` the receiver sees."""
 
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (Index("ix_webhook_deliveries_tenant_created", "tenant_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_webhook_deliveries_tenant_created", "tenant_id", "created_at"),
+        Index("ix_webhook_deliveries_tenant_replayed", "tenant_id", "replayed_at"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     endpoint_id: Mapped[uuid.UUID] = mapped_column(
@@ -74,6 +95,7 @@ class WebhookDelivery(Base):
     next_attempt_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
+    replayed_at: Mapped[datetime | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +105,7 @@ class Outgoing:
     id: uuid.UUID
     endpoint_id: uuid.UUID
     url: str
-    secret: str
+    secrets: tuple[str, ...]  # sign with each: the current secret first
     event_type: str
     payload: dict[str, Any]
     created_at: datetime
@@ -120,6 +142,53 @@ def register_endpoint(session: Session, tenant_id: uuid.UUID, url: str) -> Webho
     """Get or create the endpoint and re-enable it: registering again undoes a 410."""
     endpoint = endpoint_for(session, tenant_id, url)
     endpoint.disabled_at = None
+    session.flush()
+    return endpoint
+
+
+def reveal_secret(session: Session, endpoint: WebhookEndpoint) -> str | None:
+    """The secret if it was never shown (a new endpoint, or one a request created), else None.
+
+    The update is conditional, so of two concurrent registrations only one sees the secret.
+    """
+    result = session.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.id == endpoint.id, WebhookEndpoint.secret_shown_at.is_(None))
+        .values(secret_shown_at=utcnow())
+    )
+    return endpoint.secret if result.rowcount else None  # type: ignore[attr-defined]
+
+
+def get_endpoint(
+    session: Session, tenant_id: uuid.UUID, endpoint_id: uuid.UUID
+) -> WebhookEndpoint | None:
+    """An endpoint by id, only if it is this tenant's."""
+    return session.scalar(
+        select(WebhookEndpoint).where(
+            WebhookEndpoint.id == endpoint_id, WebhookEndpoint.tenant_id == tenant_id
+        )
+    )
+
+
+def rotate_secret(
+    session: Session, tenant_id: uuid.UUID, endpoint_id: uuid.UUID, *, grace_s: float
+) -> WebhookEndpoint | None:
+    """Give the endpoint a new secret; the old one keeps signing too for ``grace_s``.
+
+    A second rotation inside the grace period drops the oldest secret: at most two sign.
+    """
+    endpoint = session.scalar(
+        select(WebhookEndpoint)
+        .where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.tenant_id == tenant_id)
+        .with_for_update()
+    )
+    if endpoint is None:
+        return None
+    now = utcnow()
+    endpoint.previous_secret = endpoint.secret if grace_s > 0 else None
+    endpoint.previous_secret_until = now + timedelta(seconds=grace_s) if grace_s > 0 else None
+    endpoint.secret = new_secret()
+    endpoint.secret_shown_at = now
     session.flush()
     return endpoint
 
@@ -167,7 +236,7 @@ def outgoing(session: Session, delivery_id: uuid.UUID) -> Outgoing | None:
         id=delivery.id,
         endpoint_id=endpoint.id,
         url=endpoint.url,
-        secret=endpoint.secret,
+        secrets=endpoint.signing_secrets(utcnow()),
         event_type=delivery.event_type,
         payload=delivery.payload,
         created_at=delivery.created_at,
@@ -269,17 +338,31 @@ class EndpointDisabled(Exception):
     """A replay to an endpoint that answered 410; register the URL again first."""
 
 
+class ReplayLimited(Exception):
+    """Too many replays: the message says which limit; ``retry_after`` when to try again."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 def reset_for_replay(
-    session: Session, tenant_id: uuid.UUID, delivery_id: uuid.UUID
+    session: Session, tenant_id: uuid.UUID, delivery_id: uuid.UUID, *, per_minute: int
 ) -> WebhookDelivery | None:
     """Make a delivery pending again with a fresh attempt budget; the caller publishes it.
 
+    Each delivery is replayed at most once a minute and a tenant's deliveries at most
+    ``per_minute`` times a minute, so replays cannot turn inferq into a traffic source.
+
     Raises:
         EndpointDisabled: The endpoint answered 410 Gone and was not registered again since.
+        ReplayLimited: One of the two limits is reached.
     """
     delivery = get_delivery(session, tenant_id, delivery_id)
     if delivery is None:
         return None
+    now = utcnow()
+    _check_replay_limits(session, delivery, now, per_minute=per_minute)
     endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
     if endpoint is not None and endpoint.disabled_at is not None:
         raise EndpointDisabled(
@@ -290,7 +373,32 @@ def reset_for_replay(
     delivery.attempts = 0
     delivery.last_status_code = None
     delivery.last_error = None
-    delivery.next_attempt_at = utcnow()
+    delivery.next_attempt_at = now
     delivery.delivered_at = None
+    delivery.replayed_at = now
     session.flush()
     return delivery
+
+
+def _check_replay_limits(
+    session: Session, delivery: WebhookDelivery, now: datetime, *, per_minute: int
+) -> None:
+    since = now - timedelta(seconds=REPLAY_WINDOW_S)
+    if delivery.replayed_at is not None and as_utc(delivery.replayed_at) > since:
+        wait = as_utc(delivery.replayed_at) - since
+        raise ReplayLimited(
+            f"webhook delivery {delivery.id} was replayed less than "
+            f"{REPLAY_WINDOW_S:.0f}s ago; each delivery is replayed at most once a minute",
+            retry_after=max(1, math.ceil(wait.total_seconds())),
+        )
+    recent = session.scalar(
+        select(func.count())
+        .select_from(WebhookDelivery)
+        .where(WebhookDelivery.tenant_id == delivery.tenant_id, WebhookDelivery.replayed_at > since)
+    )
+    if (recent or 0) >= per_minute:
+        raise ReplayLimited(
+            f"{recent} webhook deliveries were replayed in the last minute; the limit is "
+            f"{per_minute} a minute (webhook_replays_per_minute)",
+            retry_after=int(REPLAY_WINDOW_S),
+        )

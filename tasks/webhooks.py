@@ -33,9 +33,9 @@ def register(app: Celery) -> None:
     )
     def deliver(task: Any, delivery_id: str, attempt: int) -> None:
         sender: WebhookSender = task.app.webhook_sender
-        delay = sender.deliver(uuid.UUID(delivery_id), attempt=attempt)
-        if delay is not None:
-            task.apply_async(args=[delivery_id, attempt + 1], countdown=delay)
+        step = sender.step(uuid.UUID(delivery_id), attempt)
+        if step is not None:
+            task.apply_async(args=[delivery_id, step.attempt], countdown=step.countdown)
 
 
 def publish_deliveries(app: Celery, ids: Iterable[uuid.UUID]) -> None:

@@ -132,11 +132,12 @@ def celery_app(settings: Settings) -> Iterator[InferqCelery]:
     app.close()
 
 
-@pytest.fixture(scope="module")
-def webhook_worker(settings: Settings, log_dir: Path) -> Iterator[Process]:
-    """`inferq webhooks` as a real process, allowed to post to loopback."""
-    env = service_env(settings) | {"INFERQ_WEBHOOK_ALLOW_PRIVATE": "true"}
-    process = start("webhooks", ["webhooks"], env, log_dir)
+def run_webhook_worker(
+    name: str, settings: Settings, log_dir: Path, **env: str
+) -> Iterator[Process]:
+    """`inferq webhooks` as a real process, allowed to post to loopback, ready when yielded."""
+    env = service_env(settings) | {"INFERQ_WEBHOOK_ALLOW_PRIVATE": "true"} | env
+    process = start(name, ["webhooks"], env, log_dir)
 
     def ready() -> bool:
         if process.proc.poll() is not None:
@@ -146,6 +147,11 @@ def webhook_worker(settings: Settings, log_dir: Path) -> Iterator[Process]:
     wait_for(ready, timeout=60, what="the webhook worker to be ready")
     yield process
     stop(process)
+
+
+@pytest.fixture(scope="module")
+def webhook_worker(settings: Settings, log_dir: Path) -> Iterator[Process]:
+    yield from run_webhook_worker("webhooks", settings, log_dir)
 
 
 def enqueue(sessions: sessionmaker[Session], tenant: uuid.UUID, receiver: Receiver) -> uuid.UUID:
@@ -436,7 +442,9 @@ def test_replay_resends_the_same_delivery(
     wait_for(lambda: len(receiver.hits) == 1, timeout=60, what="the first delivery")
 
     shown = client.get("/v1/webhook-endpoints").json()["data"]
-    assert [(e["url"], e["secret"]) for e in shown] == [(receiver.url, receiver.secret)]
+    hint = signing.secret_hint(receiver.secret)  # the list never shows the secret itself
+    assert [(e["url"], e["secret_hint"]) for e in shown] == [(receiver.url, hint)]
+    assert all("secret" not in e for e in shown)
     wait_for(
         lambda: client.get(f"/v1/webhook-deliveries/{delivery_id}").json()["status"] == "succeeded",
         timeout=30,

@@ -1,4 +1,8 @@
-"""The webhook worker process: consumes only the webhooks queue, on threads (I/O bound)."""
+"""The webhook worker process: consumes only the webhooks queue, on threads (I/O bound).
+
+A slow receiver holds a thread for at most the attempt deadline, and each endpoint at most
+``webhook_endpoint_concurrency`` threads; ``webhook_concurrency`` threads leave room for the rest.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,6 @@ from tasks.app import create_celery
 from tasks.queues import FixedQueue
 from workers.webhooks import WebhookSender
 
-CONCURRENCY = 8
-
 
 def run_webhook_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     """Deliver webhooks until stopped; the sender and its pools are built here, once."""
@@ -24,7 +26,7 @@ def run_webhook_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
         app.Worker(
             queues=[FixedQueue.WEBHOOKS.value],
             pool="threads",
-            concurrency=CONCURRENCY,
+            concurrency=settings.webhook_concurrency,
             hostname=f"webhooks@{socket.gethostname()}",  # "%h" is expanded only by celery's CLI
             loglevel=loglevel,
         ).start()

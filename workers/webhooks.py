@@ -3,8 +3,14 @@
 Each attempt reads the delivery, closes its session, makes the HTTP call, and records the
 outcome in a second short transaction, so a slow receiver never holds a database
 connection. Only 2xx counts as delivered; 410 Gone disables the endpoint; anything else
-(another status, a timeout, a refused connection) is retried with exponential backoff and
-full jitter, or after the receiver's ``Retry-After``, until the attempt budget is spent.
+(another status, a timeout, a refused connection, a redirect: it is never followed) is
+retried with exponential backoff and full jitter, or after the receiver's ``Retry-After``,
+until the attempt budget is spent.
+
+Slow or hostile receivers hold a sender thread for at most ``webhook_deadline_s`` per attempt
+(connect, send and the answer's headers together; the body is never read), and an endpoint has
+at most ``webhook_endpoint_concurrency`` attempts in flight: more wait on the broker, not on a
+thread. So a few trickling receivers leave the other threads to everyone else.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ import email.utils
 import json
 import logging
 import random
+import threading
+import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -21,7 +30,7 @@ import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
 from inferq import signing
-from inferq.netguard import GuardedTransport, HostNotResolved, UnsafeURL, check_url
+from inferq.netguard import GuardedTransport, HostNotResolved, UnsafeURL, check_url, deadline
 from inferq.settings import Settings
 from storage.models import as_utc, utcnow
 from storage.webhooks import (
@@ -55,6 +64,37 @@ class AttemptResult:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What the delivery task does next: publish itself again, after ``countdown``, with
+    ``attempt`` (unchanged when the endpoint was busy and nothing was attempted)."""
+
+    countdown: float
+    attempt: int
+
+
+class EndpointSlots:
+    """Attempts in flight per endpoint in this process, at most ``limit`` each."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._held: Counter[uuid.UUID] = Counter()
+
+    def claim(self, endpoint_id: uuid.UUID) -> bool:
+        with self._lock:
+            if self._held[endpoint_id] >= self._limit:
+                return False
+            self._held[endpoint_id] += 1
+            return True
+
+    def release(self, endpoint_id: uuid.UUID) -> None:
+        with self._lock:
+            self._held[endpoint_id] -= 1
+            if self._held[endpoint_id] <= 0:
+                del self._held[endpoint_id]
+
+
 class WebhookSender:
     """Sends deliveries by id; built once per webhook worker process and shared by threads."""
 
@@ -69,9 +109,18 @@ class WebhookSender:
         self._allow_private = settings.webhook_allow_private
         self._max_attempts = settings.webhook_max_attempts
         self._timeout_s = settings.webhook_timeout_s
+        self._deadline_s = settings.webhook_deadline_s
+        self._dns_timeout_s = settings.webhook_dns_timeout_s
+        self._slots = EndpointSlots(settings.webhook_endpoint_concurrency)
         self._random = rng or random.Random()
+        transport = GuardedTransport(
+            allow_private=settings.webhook_allow_private,
+            dns_timeout_s=settings.webhook_dns_timeout_s,
+            # Every thread may hold a connection; the pool must not make them queue.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
         self._client = httpx.Client(
-            transport=GuardedTransport(allow_private=settings.webhook_allow_private),
+            transport=transport,
             timeout=settings.webhook_timeout_s,
             follow_redirects=False,
             trust_env=False,  # an environment proxy would bypass the address check
@@ -93,6 +142,29 @@ class WebhookSender:
         Returns:
             Seconds to wait before the next attempt, or None when there is none to make.
         """
+        item = self._load(delivery_id, attempt)
+        if item is None:
+            return None
+        return self._record(item, self._attempt(item))
+
+    def step(self, delivery_id: uuid.UUID, attempt: int) -> Step | None:
+        """:meth:`deliver` within the endpoint's concurrency cap, for the delivery task.
+
+        Returns:
+            When and with which attempt number to run again, or None when done.
+        """
+        item = self._load(delivery_id, attempt)
+        if item is None:
+            return None
+        if not self._slots.claim(item.endpoint_id):  # not an attempt: try again shortly
+            return Step(self._random.uniform(MIN_DELAY_S, 2 * MIN_DELAY_S), attempt)
+        try:
+            delay = self._record(item, self._attempt(item))
+        finally:
+            self._slots.release(item.endpoint_id)
+        return None if delay is None else Step(delay, attempt + 1)
+
+    def _load(self, delivery_id: uuid.UUID, attempt: int | None) -> Outgoing | None:
         with self._sessions() as session:
             item = outgoing(session, delivery_id)
         if item is None or (attempt is not None and item.attempts != attempt):
@@ -101,27 +173,33 @@ class WebhookSender:
             with self._sessions.begin() as session:
                 mark_disabled(session, item.id)
             return None
-        result = self._attempt(item)
-        return self._record(item, result)
+        return item
 
     def _attempt(self, item: Outgoing) -> AttemptResult:
         body = encode_body(item)
+        started = time.monotonic()
         try:
-            check_url(item.url, allow_private=self._allow_private)  # DNS may have changed
-            headers = signing.headers(item.secret, str(item.id), body)
-            with self._client.stream(
-                "POST", item.url, content=body, headers=headers
-            ) as response:  # the receiver's body is never read
-                return AttemptResult(
-                    status_code=response.status_code,
-                    error=None if response.is_success else f"HTTP {response.status_code}",
-                    retry_after_s=retry_after_s(response.headers.get("retry-after"), utcnow()),
+            with deadline(self._deadline_s):
+                # DNS may have changed since the URL was given.
+                check_url(
+                    item.url, allow_private=self._allow_private, dns_timeout_s=self._dns_timeout_s
                 )
+                headers = signing.headers(item.secrets, str(item.id), body)
+                with self._client.stream(
+                    "POST", item.url, content=body, headers=headers
+                ) as response:  # the receiver's body is never read
+                    return AttemptResult(
+                        status_code=response.status_code,
+                        error=None if response.is_success else _problem(response),
+                        retry_after_s=retry_after_s(response.headers.get("retry-after"), utcnow()),
+                    )
         except HostNotResolved as exc:
             return AttemptResult(error=str(exc))
         except UnsafeURL as exc:
             return AttemptResult(error=f"refused: {exc}", refused=True)
         except httpx.TimeoutException:
+            if time.monotonic() - started >= self._deadline_s:
+                return AttemptResult(error=f"no complete answer within {self._deadline_s:g}s")
             return AttemptResult(error=f"no answer within {self._timeout_s:g}s")
         except httpx.HTTPError as exc:
             return AttemptResult(error=f"{type(exc).__name__}: {exc}")
@@ -171,6 +249,12 @@ class WebhookSender:
             return min(retry_after, BACKOFF_CAP_S)
         ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempts - 1, 30))
         return max(MIN_DELAY_S, self._random.uniform(0, ceiling))
+
+
+def _problem(response: httpx.Response) -> str:
+    if response.is_redirect:  # following it would send the body where nobody registered
+        return f"HTTP {response.status_code} redirect (not followed)"
+    return f"HTTP {response.status_code}"
 
 
 def encode_body(item: Outgoing) -> bytes:
