@@ -51,6 +51,10 @@ class Attempt:
     # Seconds from the request's creation (its commit) to its first token leaving the worker:
     # the time to first token the client sees, queue included (``ttft_s`` is the engine's).
     client_ttft_s: float | None = None
+    # What admission reserved of the tenant's tokens per minute for its output (max_tokens
+    # x n) and when (the message's enqueue time), for tasks.budget to settle once it ends.
+    reserved_tokens: int = 0
+    reserved_at: float | None = None
 
     @property
     def falls_back(self) -> bool:

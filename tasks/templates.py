@@ -11,10 +11,26 @@ import json
 from typing import Annotated, Any
 
 from jsonschema import Draft202012Validator, SchemaError
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from inferq.enums import TaskKind
 from tasks.contract import ChatMessage, EngineRequest
+from tasks.schema_guard import (
+    SchemaLimits,
+    check_chars,
+    check_depth,
+    load_output,
+    output_problem,
+    pattern_problem,
+)
 
 # What the engine can take, checked before anything is written: vLLM and torch hold the seed
 # in a signed 64-bit integer (a larger one wedges the engine: "Overflow when unpacking long
@@ -99,11 +115,27 @@ def json_text(value: Any) -> str:
 @functools.lru_cache(maxsize=256)
 def _schema_problem(canonical: str) -> str | None:
     """Check a schema once: a bulk job's lines share one, and checking costs milliseconds."""
+    schema = json.loads(canonical)
     try:
-        Draft202012Validator.check_schema(json.loads(canonical))
+        Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
-        return exc.message
-    return None
+        return f"not a valid JSON Schema: {exc.message}"
+    return pattern_problem(schema)
+
+
+def _checked_schema(schema: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    """A caller's schema, within the limits the API passes in the validation context
+    (``{"schema_limits": SchemaLimits}``; none when re-rendering what was accepted)."""
+    limits = (info.context or {}).get("schema_limits")
+    if isinstance(limits, SchemaLimits):
+        check_depth(schema, limits)  # first: measuring it does not recurse, json_text does
+    canonical = json_text(schema)
+    if isinstance(limits, SchemaLimits):
+        check_chars(canonical, limits)
+    problem = _schema_problem(canonical)
+    if problem is not None:
+        raise ValueError(problem)
+    return schema
 
 
 class ExtractInput(_Input):
@@ -114,10 +146,8 @@ class ExtractInput(_Input):
 
     @field_validator("schema_")
     @classmethod
-    def _valid_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        problem = _schema_problem(json_text(schema))
-        if problem is not None:
-            raise ValueError(f"not a valid JSON Schema: {problem}")
+    def _valid_schema(cls, schema: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        _checked_schema(schema, info)
         if schema.get("type") != "object":
             raise ValueError('must describe an object ("type": "object")')
         return schema
@@ -153,11 +183,10 @@ class ChatInput(_Input):
 
     @field_validator("json_schema")
     @classmethod
-    def _valid_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
-        problem = None if schema is None else _schema_problem(json_text(schema))
-        if problem is not None:
-            raise ValueError(f"not a valid JSON Schema: {problem}")
-        return schema
+    def _valid_schema(
+        cls, schema: dict[str, Any] | None, info: ValidationInfo
+    ) -> dict[str, Any] | None:
+        return None if schema is None else _checked_schema(schema, info)
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatInput:
@@ -198,14 +227,23 @@ def _user(text: str) -> ChatMessage:
     return ChatMessage(role="user", content=text)
 
 
-def render(task: TaskKind, payload: dict[str, Any], sampling: SamplingIn) -> EngineRequest:
+def render(
+    task: TaskKind,
+    payload: dict[str, Any],
+    sampling: SamplingIn,
+    *,
+    limits: SchemaLimits | None = None,
+) -> EngineRequest:
     """Validate a kind's input and render what the engine runs.
+
+    ``limits`` bound a caller's JSON schema (the API passes the settings'); without them a
+    schema is checked for validity and RE2-compatible patterns only.
 
     Raises:
         pydantic.ValidationError: the input does not fit the kind; the message names the field.
         ValueError: the input and the sampling parameters contradict each other.
     """
-    data = INPUT_MODELS[task].model_validate(payload)
+    data = INPUT_MODELS[task].model_validate(payload, context={"schema_limits": limits})
     knobs = sampling.model_dump(exclude={"max_tokens"})
     max_tokens = sampling.max_tokens or DEFAULT_MAX_TOKENS[task]
     if isinstance(data, ExtractInput):
@@ -238,16 +276,21 @@ class OutputError(ValueError):
 
 
 def parse_output(task: TaskKind, request: EngineRequest, texts: list[str]) -> Any:
-    """Turn engine text into the kind's result: an object, a label, variants or text."""
+    """Turn engine text into the kind's result: an object, a label, variants or text.
+
+    Raises:
+        OutputError: for any reason this output cannot be the result (its request alone
+            fails; see tasks.schema_guard).
+    """
     if task is TaskKind.EXTRACT:
         assert request.json_schema is not None
         try:
-            value = json.loads(texts[0])
-        except json.JSONDecodeError as exc:
-            raise OutputError(f"output is not JSON: {exc}") from exc
-        errors = list(Draft202012Validator(request.json_schema).iter_errors(value))
-        if errors:
-            raise OutputError(f"output does not match the schema: {errors[0].message}")
+            value = load_output(texts[0])
+        except ValueError as exc:
+            raise OutputError(str(exc)) from None
+        problem = output_problem(request.json_schema, value)
+        if problem is not None:
+            raise OutputError(problem)
         return value
     if task is TaskKind.CLASSIFY:
         assert request.choices is not None

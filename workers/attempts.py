@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from router.config import ModelSpec
 from storage.ledger import Attempt
+from tasks.budget import reserved_output
 from tasks.contract import RunMessage
 from tasks.templates import OutputError, parse_output
 from workers.engines.base import Generation
@@ -47,6 +48,8 @@ class AttemptMaker:
                 output = parse_output(message.task, message.engine_request, gen.texts)
             except OutputError as exc:
                 error = str(exc)
+            except Exception as exc:  # a bug reading one output fails that request, not its batch
+                error = f"output could not be read: {type(exc).__name__}: {exc}"
         prompt_tokens = gen.prompt_tokens if gen else 0
         completion_tokens = gen.completion_tokens if gen else 0
         price = price_attempt(
@@ -90,6 +93,8 @@ class AttemptMaker:
             client_ttft_s=(
                 max(first_token - message.enqueued_at, 0.0) if first_token is not None else None
             ),
+            reserved_tokens=reserved_output(message.engine_request),
+            reserved_at=message.enqueued_at,
         )
 
     def _next_models(self, message: RunMessage) -> tuple[str, ...]:

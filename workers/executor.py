@@ -1,4 +1,11 @@
-"""Runs a batch on the engine and prices it. No network I/O here: results go to the writer."""
+"""Runs a batch on the engine and prices it. No network I/O here: results go to the writer.
+
+A static engine keeps nothing between calls, so after a call that raised it is clean: the
+batch is split until the request responsible fails alone. A call past the model's
+``timeout_s`` fails its batch as timed out and is abandoned, still running; if it has not
+returned ``stall_s`` later the engine is wedged, and the worker stops with a non-zero exit
+(``on_wedged``) so its supervisor restarts it, as the continuous feed does for a step.
+"""
 
 from __future__ import annotations
 
@@ -44,14 +51,50 @@ class BatchExecutor:
         spec: ModelSpec,
         writer: BatchWriter,
         claim: Callable[[list[uuid.UUID], float], set[uuid.UUID]],
+        stall_s: float = 60.0,
+        on_wedged: Callable[[str], None] | None = None,
     ) -> None:
         self._claim = claim
         self._engine = engine
         self._spec = spec
         self._writer = writer
         self._attempt = make_attempt
-        # An engine call that ran past timeout_s and may still be running.
+        self._stall_s = stall_s
+        self._on_wedged = on_wedged
+        # An engine call that ran past timeout_s and may still be running, and since when
+        # (monotonic); a timer calls on_wedged if it is still running stall_s later.
         self._abandoned: Future[list[Generation]] | None = None
+        self._abandoned_at = 0.0
+        self._watchdog: threading.Timer | None = None
+
+    def progressing(self) -> bool:
+        """False once an abandoned call has run ``stall_s`` past its timeout: the worker no
+        longer vouches for its requests (their leases lapse) and the watchdog stops it."""
+        box = self._abandoned
+        stalled = time.monotonic() - self._abandoned_at >= self._stall_s
+        return box is None or box.done() or not stalled
+
+    def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    def _abandon(self, box: Future[list[Generation]]) -> None:
+        self._abandoned, self._abandoned_at = box, time.monotonic()
+        if self._on_wedged is None:
+            return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = threading.Timer(self._stall_s, self._check_abandoned, args=(box,))
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _check_abandoned(self, box: Future[list[Generation]]) -> None:
+        if not box.done() and self._on_wedged is not None:
+            timeout = self._spec.timeout_s
+            self._on_wedged(
+                f"an engine call ran past timeout_s ({timeout:g}s) and had not returned "
+                f"{self._stall_s:g}s later"
+            )
 
     def __call__(self, batch: list[WorkItem]) -> None:
         started = time.time()
@@ -133,7 +176,7 @@ class BatchExecutor:
         except TimeoutError as exc:
             if box.done():  # the engine's own TimeoutError, raised in time
                 raise
-            self._abandoned = box
+            self._abandon(box)
             raise EngineTimeout(f"no answer within {timeout:g}s") from exc
 
     def _attempts(self, ran: list[_Ran], started: float, engine_s: float) -> list[Attempt]:

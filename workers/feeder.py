@@ -12,7 +12,9 @@ A step that raises aborts everything in the engine. If the engine is not clean a
 or no step returns for ``stall_s`` while it holds requests, the worker stops with a non-zero
 exit (``on_wedged``): its supervisor restarts it and the reconciler re-runs its requests. The
 requests of a failed step are suspects: they run again one suspect at a time, and a suspect
-in a step that fails again fails alone, with the engine's reason.
+in a step that fails again fails alone, with the engine's reason. An ``add`` that raises
+(instead of refusing) is undone and tried one request at a time, so the request it cannot
+take fails alone; anything else the engine thread cannot handle stops the worker the same way.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ class ContinuousFeeder:
         stall_s: float,
         on_wedged: Callable[[str], None],
         name: str,
+        waiting: Callable[[Priority, int], set[str]] | None = None,
+        claim_ahead: Callable[[Priority, dict[str, int], float], list[WorkItem]] | None = None,
     ) -> None:
         self._engine = engine
         self._spec = spec
@@ -104,6 +108,8 @@ class ContinuousFeeder:
             in_engine=lambda: list(self._running),
             wake_engine=self._wake.set,
             name=f"{name}-intake",
+            waiting=waiting,
+            claim_ahead=claim_ahead,
         )
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watchdog", daemon=True)
@@ -138,6 +144,13 @@ class ContinuousFeeder:
     # The engine thread.
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # an abort that raised, say: the engine's state is unknown
+            log.exception("the engine thread failed")
+            self._on_wedged(f"the engine thread failed ({type(exc).__name__}: {exc})")
+
+    def _run(self) -> None:
         next_due_check = time.monotonic()
         while not self._stopping.is_set():
             self._wake.clear()
@@ -166,7 +179,7 @@ class ContinuousFeeder:
         ]
         now = time.time()
         refused = []
-        for item, error in zip(taken, self._engine.add(admissions), strict=True):
+        for item, error in zip(taken, self._admit(admissions), strict=True):
             if error is None:
                 suspect = item.message.request_id in self._suspected
                 running = _Running(item, now, self._share_clock, self._steps, suspect)
@@ -176,6 +189,17 @@ class ContinuousFeeder:
                 refused.append((item, error))
         if refused:
             self._finish([self._ran_unstarted(item, error, now) for item, error in refused])
+
+    def _admit(self, admissions: list[Admission]) -> list[str | None]:
+        """The engine's answer to each admission. An ``add`` that raises is undone (what
+        got in is aborted) and tried one at a time, so only the one it cannot take fails."""
+        try:
+            return self._engine.add(admissions)
+        except Exception as exc:
+            self._engine.abort([a.request_id for a in admissions])
+            if len(admissions) == 1:
+                return [f"{type(exc).__name__}: {exc}"]
+            return [error for one in admissions for error in self._admit([one])]
 
     def _take_ready(self) -> list[WorkItem]:
         """What enters now, within the slot rules (see the module's docstring)."""

@@ -17,10 +17,13 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import RequestStatus
+from inferq.enums import Priority, RequestStatus
 from inferq.settings import Settings
 from storage.ledger import claim
 from storage.reconcile import renew, stopped_among
+from storage.requests import lock_oldest_queued, queued_tenants
+from tasks.contract import RunMessage
+from tasks.rows import run_messages
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,46 @@ class Leases:
         with self._lock:
             self._held |= claimed
         return claimed
+
+    def waiting(self, model: str, priority: Priority, limit: int) -> set[str]:
+        """The tenants with requests queued on ``model`` (see ``storage.requests``)."""
+        with self._sessions() as session:
+            found = queued_tenants(session, model=model, priority=priority, limit=limit)
+        return {str(tenant) for tenant in found}
+
+    def claim_ahead(
+        self, model: str, priority: Priority, ahead: dict[str, int], at: float
+    ) -> list[RunMessage]:
+        """Claim up to ``ahead[tenant]`` of each tenant's oldest queued requests, ahead of
+        their messages (workers.fairness), and return their messages, rebuilt from the rows.
+        Not retried: while the database is away the worker serves what it holds."""
+        when = datetime.fromtimestamp(at, UTC)
+        with self._sessions.begin() as session:
+            rows = [
+                row
+                for tenant, count in ahead.items()
+                for row in lock_oldest_queued(
+                    session,
+                    model=model,
+                    priority=priority,
+                    tenant_id=uuid.UUID(tenant),
+                    limit=count,
+                )
+            ]
+            if not rows:
+                return []
+            claimed = claim(
+                session,
+                [row.id for row in rows],
+                when,
+                running_lease=self._running_lease,
+                max_deliveries=self._max_deliveries,
+                worker=self._worker,
+            )
+            messages = run_messages([row for row in rows if row.id in claimed], when)
+        with self._lock:
+            self._held |= {uuid.UUID(m.request_id) for m in messages}
+        return messages
 
     def stopped_among(self, request_ids: list[uuid.UUID]) -> dict[uuid.UUID, RequestStatus]:
         """Of the requests this worker runs, those to abort (see ``storage.reconcile``)."""

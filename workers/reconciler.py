@@ -18,15 +18,13 @@ from datetime import timedelta
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import RequestStatus
 from inferq.settings import Settings
 from router.config import RouterConfig
 from storage import reconcile
 from storage.events import close_finished_jobs
-from storage.models import Request, as_utc, utcnow
+from storage.models import utcnow
 from tasks.app import publish_by_model
-from tasks.contract import RunMessage
-from tasks.templates import SamplingIn, render
+from tasks.rows import run_messages
 from tasks.webhooks import publish_deliveries
 
 log = logging.getLogger(__name__)
@@ -102,30 +100,7 @@ class Reconciler:
                 models=list(self._config.models),
                 limit=BATCH_LIMIT,
             )
-            messages = []
-            for row in lost:
-                try:
-                    messages.append(_message(row))
-                except ValueError as exc:  # stored before today's checks: fail it, go on
-                    row.status, row.finished_at = RequestStatus.FAILED, now
-                    row.error = f"its parameters no longer pass the checks: {exc}"[:1000]
+            messages = run_messages(lost, now)  # fails rows stored before today's checks
         if messages:
             publish_by_model(self._celery, self._config, messages)
         return Pass(republished=len(messages), expired=len(jobs))
-
-
-def _message(row: Request) -> RunMessage:
-    """The message the API sent for this request, rebuilt from what its row keeps."""
-    return RunMessage(
-        request_id=str(row.id),
-        tenant_id=str(row.tenant_id),
-        model=row.model,
-        task=row.task,
-        priority=row.priority,
-        engine_request=render(row.task, row.input, SamplingIn.model_validate(row.params)),
-        enqueued_at=as_utc(row.created_at).timestamp(),
-        deadline=as_utc(row.deadline_at).timestamp() if row.deadline_at else None,
-        job_id=str(row.job_id) if row.job_id else None,
-        webhook_url=row.webhook_url,
-        fallbacks=row.fallbacks or None,
-    )

@@ -12,7 +12,7 @@ from functools import partial
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Outcome
+from inferq.enums import Outcome, Priority
 from inferq.models import resolve_model_path
 from inferq.quality.pool import PoolSampler
 from inferq.settings import Settings
@@ -20,11 +20,12 @@ from router.config import RouterConfig
 from router.health import ModelHealth
 from storage.ledger import Attempt
 from tasks.app import publish_by_model
+from tasks.budget import TokenBudget
 from tasks.contract import RunMessage
 from tasks.streams import TokenEvent, create_publisher
 from tasks.webhooks import publish_deliveries
 from workers.attempts import AttemptMaker
-from workers.batcher import MicroBatcher
+from workers.batcher import MicroBatcher, WorkItem
 from workers.engines import Engine, StepEngine, create_engine
 from workers.executor import BatchExecutor
 from workers.fallbacks import BreakerHook
@@ -65,6 +66,7 @@ class WorkerRuntime:
         self.writer = BatchWriter(sessions, publish_deliveries, publish_runs=publish_runs)
         make_attempt = AttemptMaker(model, spec, engine.name, worker_name)
         self.feed: MicroBatcher | ContinuousFeeder
+        self._executor: BatchExecutor | None = None
         if isinstance(engine, StepEngine):
             self.feed = ContinuousFeeder(
                 engine,
@@ -77,6 +79,8 @@ class WorkerRuntime:
                 stall_s=stall_s,
                 on_wedged=on_wedged,
                 name=f"inferq-engine-{model}",
+                waiting=partial(self.leases.waiting, model),
+                claim_ahead=self._claim_ahead,
             )
             self.leases.progressing = self.feed.progressing
             # Enough messages to fill the engine and a reserve; the intake claims no more.
@@ -88,7 +92,11 @@ class WorkerRuntime:
                 spec=spec,
                 writer=self.writer,
                 claim=self.leases.claim,
+                stall_s=stall_s,
+                on_wedged=on_wedged,
             )
+            self.leases.progressing = executor.progressing
+            self._executor = executor
             self.feed = MicroBatcher(
                 executor,
                 max_batch_size=spec.max_batch_size,
@@ -128,6 +136,7 @@ class WorkerRuntime:
         )
         health = ModelHealth.create(settings, config.breaker)
         runtime.writer.add_commit_hook(BreakerHook(health, model))
+        runtime.writer.add_commit_hook(TokenBudget.create(settings).settle)
         pool = PoolSampler.from_settings(settings)
         if pool is not None:
             runtime.writer.add_transaction_hook(partial(_sample_succeeded, pool))
@@ -149,13 +158,28 @@ class WorkerRuntime:
             future.add_done_callback(lambda _: relay.put(done))  # after the commit
         return future
 
+    def _claim_ahead(self, priority: Priority, ahead: dict[str, int], at: float) -> list[WorkItem]:
+        """Tenants' requests claimed ahead of their messages (workers.fairness): no message
+        waits on them, so their leases are released here when they finish."""
+        items = [WorkItem(m) for m in self.leases.claim_ahead(self.model, priority, ahead, at)]
+        for item in items:
+            request_id = uuid.UUID(item.message.request_id)
+            item.future.add_done_callback(partial(_release, self.leases, request_id))
+        return items
+
     def stop(self) -> None:
         self.feed.stop()
+        if self._executor is not None:
+            self._executor.stop()
         self.writer.stop()
         self.leases.stop()
         if self.relay is not None:
             self.relay.stop()
         self.engine.close()
+
+
+def _release(leases: Leases, request_id: uuid.UUID, _: Future[Outcome]) -> None:
+    leases.release(request_id)
 
 
 def _sample_succeeded(

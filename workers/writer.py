@@ -2,8 +2,14 @@
 
 What finished since the last commit (a batch, or a continuous engine's last few steps) goes in
 one transaction with its ledger rows; only after the commit are the
-waiting tasks released, so Celery acknowledges a message once its result is durable. A failed
-commit is retried with backoff: the results are kept, never dropped.
+waiting tasks released, so Celery acknowledges a message once its result is durable.
+
+A commit that fails for the connection's sake (the database away or restarting, a deadlock)
+is retried with backoff: the results are kept, never dropped. Any other failure is about the
+data: the group is split, as the executor splits a failing batch, until the request that
+cannot be stored is alone; it is stored as failed with the reason and the rest commit.
+Retrying such a commit forever would hold every request of the group while their leases
+kept being renewed, so nothing would ever take them back.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from inferq.enums import Outcome
@@ -39,6 +46,17 @@ TransactionHook = Callable[[Session, list[Attempt], list[Outcome]], None]
 class _Finished:
     items: list[WorkItem]
     attempts: list[Attempt]
+
+    def halves(self) -> tuple[_Finished, _Finished]:
+        middle = len(self.items) // 2
+        return (
+            _Finished(self.items[:middle], self.attempts[:middle]),
+            _Finished(self.items[middle:], self.attempts[middle:]),
+        )
+
+
+class _Stopped(Exception):
+    """The worker stopped while the database was away: what is not committed stays open."""
 
 
 class BatchWriter:
@@ -98,6 +116,52 @@ class BatchWriter:
                 return
 
     def _record(self, job: _Finished) -> None:
+        try:
+            self._store(job)
+        except _Stopped:
+            error = RuntimeError("worker stopped before the batch was committed")
+            for item in job.items:
+                if not item.future.done():
+                    item.future.set_exception(error)
+
+    def _store(self, job: _Finished) -> None:
+        """Commit a group; on a data error, split it until the culprit is alone."""
+        try:
+            outcomes, deliveries = self._commit(job)
+        except _Stopped:
+            raise
+        except Exception as exc:
+            if len(job.items) > 1:
+                log.warning("committing %d results failed (%s); splitting", len(job.items), exc)
+                for half in job.halves():
+                    self._store(half)
+                return
+            self._store_unstorable(job, exc)
+            return
+        self._settle(job, outcomes, deliveries)
+
+    def _store_unstorable(self, job: _Finished, exc: Exception) -> None:
+        """One request whose result the database refused: store it as failed, with why."""
+        [item], [attempt] = job.items, job.attempts
+        log.error("request %s: its result could not be stored: %s", attempt.request_id, exc)
+        failed = _Finished([item], [_unstorable(attempt, exc)])
+        try:
+            outcomes, deliveries = self._commit(failed)
+        except _Stopped:
+            raise
+        except Exception as again:  # left open: its lease lapses, the delivery cap ends it
+            log.exception("request %s: not even its failure could be stored", attempt.request_id)
+            item.future.set_exception(again)
+            return
+        self._settle(failed, outcomes, deliveries)
+
+    def _commit(self, job: _Finished) -> tuple[list[Outcome], list[uuid.UUID]]:
+        """One transaction for the group, retried while the connection is the problem.
+
+        Raises:
+            _Stopped: the worker stopped before the database came back.
+            Exception: anything else, which is about the data.
+        """
         backoff = 0.1
         while True:
             try:
@@ -105,17 +169,18 @@ class BatchWriter:
                     outcomes = record_batch(session, job.attempts)
                     for in_transaction in self._transaction_hooks:
                         in_transaction(session, job.attempts, outcomes)
-                    deliveries = _events(session, job, outcomes)
-                break
-            except Exception:
+                    return outcomes, _events(session, job, outcomes)
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
                 if self._stopping.is_set():
-                    error = RuntimeError("worker stopped before the batch was committed")
-                    for item in job.items:
-                        item.future.set_exception(error)
-                    return
+                    raise _Stopped from exc
                 log.warning("commit failed; retrying in %.1fs", backoff, exc_info=True)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    def _settle(self, job: _Finished, outcomes: list[Outcome], deliveries: list[uuid.UUID]) -> None:
+        """After a commit: publish what follows from it, release the tasks, run the hooks."""
         self._publish(deliveries, _fallen_back(job, outcomes))
         for item, outcome in zip(job.items, outcomes, strict=True):
             item.future.set_result(outcome)
@@ -185,3 +250,45 @@ def _fallen_back(job: _Finished, outcomes: list[Outcome]) -> list[tuple[float, R
         for item, a, outcome in zip(job.items, job.attempts, outcomes, strict=True)
         if a.falls_back and outcome is Outcome.FAILED
     ]
+
+
+# SQLSTATE classes of trouble with the connection or the server, not with what was sent:
+# connection exceptions, transaction rollbacks (deadlock, serialization), insufficient
+# resources, operator intervention (shutdown, restart) and system errors.
+_TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether a failed commit may succeed unchanged later: the connection or the server
+    was the problem, not the data sent."""
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if sqlstate:
+            return str(sqlstate)[:2] in _TRANSIENT_CLASSES
+        # No SQLSTATE: the client lost or never got a connection (or SQLite is locked).
+        return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+    return isinstance(exc, sa_exc.TimeoutError | sa_exc.DisconnectionError)
+
+
+def _storable(text: str) -> str:
+    """Text the database can keep: no NUL, no lone surrogates."""
+    return text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unstorable(attempt: Attempt, exc: Exception) -> Attempt:
+    """The attempt as a final failure whose reason is why its result could not be stored."""
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:500]
+    error = f"the result could not be stored: {type(exc).__name__}: {reason}"
+    if attempt.error:
+        error += f" (the attempt's own error: {attempt.error[:500]})"
+    return replace(
+        attempt,
+        succeeded=False,
+        output=None,
+        error=_storable(error),
+        finish_reason=_storable(attempt.finish_reason) if attempt.finish_reason else None,
+        fallbacks=(),
+        retry_in_s=None,
+    )

@@ -1,8 +1,9 @@
 """A scripted engine for exact assertions and injected faults: no model, same protocol.
 
 Rules match a substring of a request's last message (or prompt) and make the batch holding it
-slow, fail or hang. Output is deterministic: a minimal object valid for a JSON schema, the
-first label of a choice, or an echo of the input.
+slow, fail or hang, or give that request a fixed ``answer`` (an output to test what reads it).
+Output is otherwise deterministic: a minimal object valid for a JSON schema, the first label
+of a choice, or an echo of the input.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Rule:
     delay_s: float = 0.0
     hang: bool = False
     times: int | None = None  # applies to its first N matches only (a transient fault)
+    answer: str | None = None  # the matching request's output text, as the engine gives it
 
 
 @dataclass
@@ -56,7 +58,7 @@ class ScriptedEngine:
                 delay = max(delay, rule.delay_s)
         if delay:
             time.sleep(delay)
-        return [scripted_answer(r) for r in requests]
+        return [scripted_answer(r, self.rules) for r in requests]
 
     def _applies(self, index: int, rule: Rule) -> bool:
         if rule.times is None:
@@ -74,9 +76,12 @@ def last_text(request: EngineRequest) -> str:
     return request.prompt or ""
 
 
-def scripted_answer(request: EngineRequest) -> Generation:
+def scripted_answer(request: EngineRequest, rules: Sequence[Rule] = ()) -> Generation:
     prompt_words = len(last_text(request).split()) + 1
-    if request.json_schema is not None:
+    fixed = [r.answer for r in rules if r.answer is not None and r.match in last_text(request)]
+    if fixed:
+        texts = [fixed[0]] * request.n
+    elif request.json_schema is not None:
         import json
 
         texts = [json.dumps(_minimal(request.json_schema))]

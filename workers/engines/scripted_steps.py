@@ -4,7 +4,8 @@ the continuous feed (aborts, priorities, failing and hanging steps).
 Each request makes one word a step, up to its answer's length (workers.engines.scripted's
 answer); a step sleeps ``step_ms``. Rules match a substring of the request's text: ``fail``
 makes every step it is in raise (its first ``times`` steps), ``refuse`` makes ``add`` refuse
-it, ``hang`` makes the step it is in block until the engine is closed.
+it, ``explode`` makes ``add`` raise when it reaches it (what came before it in that call is
+in the engine), ``hang`` makes the step it is in block until the engine is closed.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ScriptedStepEngine:
     step_s: float = 0.0
     rules: Sequence[Rule] = ()
     refuse: Mapping[str, str] = field(default_factory=dict)  # text substring → reason
+    explode: Mapping[str, str] = field(default_factory=dict)  # text substring → add raises
     steps: list[list[str]] = field(default_factory=list)  # ids in each step, for assertions
     matched: dict[int, int] = field(default_factory=dict)
     _active: dict[str, _Active] = field(default_factory=dict)
@@ -47,17 +49,21 @@ class ScriptedStepEngine:
             step_s=float(options.get("step_ms", 0)) / 1000,
             rules=[Rule(**rule) for rule in options.get("rules", [])],
             refuse=dict(options.get("refuse", {})),
+            explode=dict(options.get("explode", {})),
         )
 
     def add(self, admissions: Sequence[Admission]) -> list[str | None]:
         errors: list[str | None] = []
         for admission in admissions:
             text = last_text(admission.request)
+            boom = next((r for match, r in self.explode.items() if match in text), None)
+            if boom is not None:
+                raise EngineError(boom)
             reason = next((r for match, r in self.refuse.items() if match in text), None)
             if reason is not None:
                 errors.append(f"ValueError: {reason}")
                 continue
-            answer = scripted_answer(admission.request)
+            answer = scripted_answer(admission.request, self.rules)
             words = " ".join(answer.texts).split() or [""]
             self._active[admission.request_id] = _Active(admission, answer, words)
             errors.append(None)
