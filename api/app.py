@@ -27,6 +27,7 @@ from api.openai_routes import router as openai_router
 from api.routes import router
 from api.schemas import ERRORS
 from api.service import BadRequest, Services
+from api.waits import WaitSlots
 from api.webhooks import router as webhooks_router
 from inferq.models import PromptMeter, resolve_model_path
 from inferq.settings import Settings
@@ -68,9 +69,10 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = services is None
         app.state.services = services or await run_in_threadpool(build_services, settings)
-        app.state.keys = KeyCache(app.state.services.sessions)
+        app.state.keys = KeyCache.create(settings, app.state.services.sessions)
         app.state.committer = GroupCommitter(app.state.services)
         app.state.committer.start()
+        app.state.waits = WaitSlots(settings.max_waits_per_tenant)
         app.state.admitter = Admitter(app.state.services)
         app.state.admitter.start()
         app.state.streams = create_reader(settings)
@@ -99,7 +101,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.include_router(job_router, responses=ERRORS)
     app.include_router(webhooks_router, responses=ERRORS)
     app.include_router(openai_router)
-    install_metrics(app)
+    install_metrics(app, token=settings.metrics_token)
     return app
 
 

@@ -15,9 +15,11 @@ from starlette.datastructures import UploadFile
 
 from api.auth import Caller, services_of
 from api.jobs import JobBody, JobSpec, as_jsonl, create_job
+from api.jsonl import TooManyLines, read_counted
 from api.schemas import JobList, JobPublic, result_line
 from api.service import BadRequest, Services
 from inferq.enums import JobStatus
+from inferq.settings import Settings
 from storage import jobs
 from storage.events import close_finished_jobs
 from storage.models import Job, utcnow
@@ -110,6 +112,9 @@ def _public(services: Services, tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobP
 
 
 async def _read_upload(request: Request, services: Services) -> tuple[JobSpec, bytes]:
+    """The spec and the JSONL. The file part waits on disk (Starlette spools it) until its
+    lines are counted, so an upload over the line limit is never read whole; the JSON form
+    has its own, smaller cap and is parsed off the event loop."""
     settings = services.settings
     try:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -118,8 +123,9 @@ async def _read_upload(request: Request, services: Services) -> tuple[JobSpec, b
             if not isinstance(upload, UploadFile) or not isinstance(spec_text, str):
                 raise BadRequest("multipart upload needs a 'file' part (JSONL) and a 'job' field")
             spec = JobSpec.model_validate_json(spec_text)
-            return spec, await upload.read()
-        body = JobBody.model_validate_json(await request.body())
+            limit = settings.max_job_lines
+            return spec, await run_in_threadpool(read_counted, upload.file, limit=limit)
+        body = await run_in_threadpool(_parse_body, await _json_body(request, settings), settings)
     except ValidationError as exc:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -127,4 +133,26 @@ async def _read_upload(request: Request, services: Services) -> tuple[JobSpec, b
         ) from exc
     # Unset stays unset: an expand job with no temperature gets the kind's sampling default.
     spec = JobSpec.model_validate(body.model_dump(exclude={"items"}, exclude_unset=True))
-    return spec, as_jsonl(body.items)
+    return spec, await run_in_threadpool(as_jsonl, body.items)
+
+
+async def _json_body(request: Request, settings: Settings) -> bytes:
+    limit = settings.max_job_json_bytes
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise HTTPException(
+                status.HTTP_413_CONTENT_TOO_LARGE,
+                f"a JSON job body is over the limit of {limit} bytes; "
+                "upload larger jobs as a multipart JSONL file",
+            )
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _parse_body(raw: bytes, settings: Settings) -> JobBody:
+    body = JobBody.model_validate_json(raw)
+    if len(body.items) > settings.max_job_lines:
+        raise TooManyLines(settings.max_job_lines)
+    return body

@@ -17,13 +17,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from api.jsonl import chunks_of, count_lines, numbered_lines
+from api.line_checks import (
+    MAX_DEPTH,
+    id_problem,
+    prepare_each,
+    printable,
+    unexpected,
+    value_problem,
+)
 from api.schemas import CreateRequest
 from api.service import (
     BadRequest,
     Prepared,
     Services,
     check_webhook_url,
-    prepare_many,
     submit_job,
 )
 from inferq.enums import JobStatus, Priority, TaskKind
@@ -64,11 +72,6 @@ class LineError:
     message: str
 
 
-def numbered_lines(data: bytes) -> list[tuple[int, bytes]]:
-    """The non-blank lines of a JSONL upload with their line numbers (counting from 1)."""
-    return [(number, raw) for number, raw in enumerate(data.splitlines(), start=1) if raw.strip()]
-
-
 def parse_line(number: int, raw: bytes, *, max_line_bytes: int) -> Any:
     """One line's JSON value, or the :class:`LineError` that refuses it."""
     if len(raw) > max_line_bytes:
@@ -76,7 +79,9 @@ def parse_line(number: int, raw: bytes, *, max_line_bytes: int) -> Any:
     try:
         return json.loads(raw)
     except ValueError as exc:
-        return LineError(number, None, f"not valid JSON: {exc}")
+        return LineError(number, None, printable(f"not valid JSON: {exc}"))
+    except RecursionError:
+        return LineError(number, None, f"nested more than {MAX_DEPTH} levels deep")
 
 
 def read_jsonl(
@@ -107,10 +112,8 @@ def create_job(
         check_webhook_url(settings, spec.webhook_url)
     if (spec.params.max_tokens or 0) > settings.max_output_tokens:  # else every line fails
         raise BadRequest(f"params.max_tokens must be between 1 and {settings.max_output_tokens}")
-    lines = numbered_lines(data)
-    if len(lines) > settings.max_job_lines:
-        raise BadRequest(f"the job has {len(lines)} lines; the limit is {settings.max_job_lines}")
-    if not lines:
+    count = count_lines(chunks_of(data), limit=settings.max_job_lines)
+    if not count:
         raise BadRequest("the job has no items")
     job = Job(
         id=uuid.uuid4(),
@@ -120,7 +123,7 @@ def create_job(
         shared={"input": spec.input, "params": spec.params.stored()},
         webhook_url=spec.webhook_url,
     )
-    if len(lines) > settings.inline_job_lines:
+    if count > settings.inline_job_lines:
         job.status = JobStatus.VALIDATING
         source = JobSource(job_id=job.id, content=data, format=NATIVE, strict=spec.strict)
         with services.sessions.begin() as session:
@@ -128,7 +131,7 @@ def create_job(
             session.flush()
             session.add(source)
         return job, []
-    parsed = read_jsonl(lines, max_line_bytes=settings.max_line_bytes)
+    parsed = read_jsonl(numbered_lines(data), max_line_bytes=settings.max_line_bytes)
     prepared, errors = check_lines(services, tenant_id, spec, parsed, {})
     if errors and (spec.strict or not prepared):
         listed = "; ".join(f"line {e.line}: {e.message}" for e in errors[:MAX_REPORTED_ERRORS])
@@ -173,9 +176,12 @@ def check_lines(
         if isinstance(item, LineError):
             errors.append(item)
             continue
-        problem, item_id = _check_item(item, number, first_seen)
+        try:
+            problem, item_id = _check_item(item, number, first_seen)
+        except Exception as exc:  # no line, whatever it holds, stops the others
+            problem, item_id = unexpected(exc), None
         if problem is not None:
-            errors.append(LineError(number, item_id, problem))
+            errors.append(LineError(number, item_id, printable(problem)))
             continue
         own = item["input"] if "input" in item else {k: v for k, v in item.items() if k in fields}
         body = CreateRequest.model_construct(
@@ -188,10 +194,10 @@ def check_lines(
             webhook_url=None,
         )
         staged.append((number, item_id, body))
-    checked = prepare_many(services, tenant_id, [body for _, _, body in staged])
+    checked = prepare_each(services, tenant_id, [body for _, _, body in staged])
     for (number, item_id, _body), result in zip(staged, checked, strict=True):
         if isinstance(result, BadRequest):
-            errors.append(LineError(number, item_id, str(result)))
+            errors.append(LineError(number, item_id, printable(str(result))))
         else:
             prepared.append(dataclasses.replace(result, item_id=item_id, line=number))
     errors.sort(key=lambda e: e.line)
@@ -203,7 +209,14 @@ def _check_item(
 ) -> tuple[str | None, str | None]:
     if not isinstance(item, dict):
         return "a line must be a JSON object", None
-    item_id = str(item.get("id", item.get("custom_id", number)))
+    raw_id = item.get("id", item.get("custom_id", number))
+    if isinstance(raw_id, str) and (bad_id := id_problem(raw_id)) is not None:
+        return bad_id, None
+    if (unstorable := value_problem(item)) is not None:
+        return unstorable, None
+    item_id = str(raw_id)
+    if (bad_id := id_problem(item_id)) is not None:
+        return bad_id, None
     if item_id in first_seen:
         return f"duplicate id {item_id!r} (first on line {first_seen[item_id]})", item_id
     first_seen[item_id] = number

@@ -1,16 +1,19 @@
 """Backpressure: refuse work with 429 and ``Retry-After`` before anything is written.
 
-Three limits, each cheap to check per request:
+Every path that creates requests passes here: single requests and chat completions, inline
+jobs and batches, and each chunk the background admission inserts (which waits and tries
+again instead of answering 429). Three limits, each cheap to check:
 
 * a model's queue: at most ``max_queued_per_model`` requests waiting (counted in Postgres, one
   grouped query a second), so a model that cannot keep up pushes back instead of growing
-  latency without bound;
+  latency without bound. Interactive requests count only the interactive ones waiting: they
+  run ahead of bulk work, so one tenant's large job never turns another's request into a 429;
+  bulk work counts everything waiting;
 * a tenant's requests in flight (queued or running): at most ``max_inflight_per_tenant``;
-* a tenant's prompt tokens per minute: at most ``tenant_tokens_per_minute`` (0: no limit), in a
-  fixed one-minute window on the broker's Redis, shared by every API process. If Redis is
-  unreachable this limit is not enforced (the API keeps accepting; see DESIGN.md).
-
-Large bulk jobs are not counted here: they are admitted gradually (``api.admission``).
+* a tenant's tokens per minute: at most ``tenant_tokens_per_minute`` (0: no limit), prompt
+  tokens plus the most the request may generate (``max_tokens`` x n), reserved here and
+  settled by the worker when it finishes (``tasks.budget``). If Redis is unreachable this limit
+  is not enforced (the API keeps accepting; see DESIGN.md).
 """
 
 from __future__ import annotations
@@ -26,14 +29,18 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import OPEN_STATUSES, RequestStatus
+from inferq.enums import OPEN_STATUSES, Priority, RequestStatus
 from inferq.settings import Settings
 from storage.models import Request
+from tasks.budget import WINDOW_S, MemoryCounter, RedisCounter, TokenBudget, reserved_output
+from tasks.contract import EngineRequest
+
+__all__ = ["Limits", "MemoryCounter", "RedisCounter", "TooBusy"]
 
 log = logging.getLogger(__name__)
 
 _CACHE_S = 1.0
-_WINDOW_S = 60
+Depths = dict[tuple[str, Priority], int]  # requests waiting, by model and priority
 
 
 class TooBusy(Exception):
@@ -44,49 +51,74 @@ class TooBusy(Exception):
         self.retry_after = retry_after
 
 
+class _Body(Protocol):
+    @property
+    def priority(self) -> Priority: ...
+
+
 class _Sized(Protocol):
-    tenant_id: uuid.UUID
-    model: str
-    prompt_tokens: int
+    @property
+    def tenant_id(self) -> uuid.UUID: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def body(self) -> _Body: ...
+    @property
+    def engine_request(self) -> EngineRequest: ...
 
 
-class _Counter(Protocol):
-    def add(self, key: str, amount: int, *, ttl_s: int) -> int: ...
+def cost(item: _Sized) -> int:
+    """The tokens a request may use: its prompt and the most it may generate."""
+    return item.prompt_tokens + reserved_output(item.engine_request)
 
 
 class Limits:
     def __init__(
-        self, settings: Settings, sessions: sessionmaker[Session], counter: _Counter
+        self, settings: Settings, sessions: sessionmaker[Session], budget: TokenBudget
     ) -> None:
         self._settings = settings
         self._sessions = sessions
-        self._counter = counter
+        self._budget = budget
         self._lock = threading.Lock()
-        self._depths: tuple[float, dict[str, int]] = (0.0, {})
+        self._depths: tuple[float, Depths] = (0.0, {})
         self._inflight: dict[uuid.UUID, tuple[float, int]] = {}
 
     @classmethod
     def create(cls, settings: Settings, sessions: sessionmaker[Session]) -> Limits:
-        counter: _Counter
-        if settings.broker_url.startswith(("redis://", "rediss://")):
-            counter = RedisCounter(redis.Redis.from_url(settings.broker_url))
-        else:
-            counter = MemoryCounter()
-        return cls(settings, sessions, counter)
+        return cls(settings, sessions, TokenBudget.create(settings))
+
+    def room(self, tenant: uuid.UUID) -> int:
+        """How many more requests the tenant may have in flight now."""
+        return max(self._settings.max_inflight_per_tenant - self._tenant_inflight(tenant), 0)
+
+    def over_budget(self, item: _Sized) -> str | None:
+        """Why ``item`` alone can never fit the tenant's tokens per minute, or None."""
+        limit = self._settings.tenant_tokens_per_minute
+        if limit and cost(item) > limit:
+            return (
+                f"the request may use {cost(item)} tokens (prompt {item.prompt_tokens} + "
+                f"max_tokens x n); the limit is {limit} tokens a minute"
+            )
+        return None
 
     def admit(self, items: Sequence[_Sized]) -> None:
         """Raise :class:`TooBusy` if taking ``items`` now would break a limit."""
         if not items:
             return
         settings = self._settings
-        by_model: dict[str, int] = {}
+        by_queue: dict[tuple[str, Priority], int] = {}
         for item in items:
-            by_model[item.model] = by_model.get(item.model, 0) + 1
+            queue = (item.model, item.body.priority)
+            by_queue[queue] = by_queue.get(queue, 0) + 1
         depths = self._queue_depths()
-        for model, count in by_model.items():
-            if depths.get(model, 0) + count > settings.max_queued_per_model:
+        for (model, priority), count in by_queue.items():
+            waiting = _waiting(depths, model, priority)
+            if waiting + count > settings.max_queued_per_model:
+                whose = "interactive requests" if priority is Priority.INTERACTIVE else "requests"
                 raise TooBusy(
-                    f"model {model!r} has {depths.get(model, 0)} requests waiting; the limit "
+                    f"model {model!r} has {waiting} {whose} waiting; the limit "
                     f"is {settings.max_queued_per_model}",
                     retry_after=5,
                 )
@@ -98,10 +130,12 @@ class Limits:
                 f"{settings.max_inflight_per_tenant}",
                 retry_after=2,
             )
-        self._spend_tokens(tenant, sum(item.prompt_tokens for item in items))
-        self._count_in(tenant, len(items), by_model)
+        self._spend_tokens(tenant, sum(cost(item) for item in items))
+        self._count_in(tenant, len(items), by_queue)
 
-    def _count_in(self, tenant: uuid.UUID, count: int, by_model: dict[str, int]) -> None:
+    def _count_in(
+        self, tenant: uuid.UUID, count: int, by_queue: dict[tuple[str, Priority], int]
+    ) -> None:
         """Until the next look at the database, count what this process let in."""
         with self._lock:
             at, inflight = self._inflight[tenant]
@@ -109,40 +143,38 @@ class Limits:
             at, depths = self._depths
             self._depths = (
                 at,
-                {**depths, **{m: depths.get(m, 0) + n for m, n in by_model.items()}},
+                {**depths, **{q: depths.get(q, 0) + n for q, n in by_queue.items()}},
             )
 
     def _spend_tokens(self, tenant: uuid.UUID, tokens: int) -> None:
         limit = self._settings.tenant_tokens_per_minute
         if not limit or not tokens:
             return
-        window = int(time.time()) // _WINDOW_S
-        key = f"{self._settings.broker_key_prefix}inferq.tpm.{tenant}.{window}"
         try:
-            used = self._counter.add(key, tokens, ttl_s=2 * _WINDOW_S)
+            used = self._budget.reserve(tenant, tokens)
         except redis.RedisError:
             log.warning("token budget unavailable; not enforced", exc_info=True)
             return
-        if used > limit:
-            self._counter.add(key, -tokens, ttl_s=2 * _WINDOW_S)  # refused work costs nothing
-            retry_after = _WINDOW_S - int(time.time()) % _WINDOW_S
+        if used is not None:
+            retry_after = WINDOW_S - int(time.time()) % WINDOW_S
             raise TooBusy(
-                f"{used - tokens} prompt tokens used this minute; the limit is {limit} a minute",
+                f"{used} tokens used this minute (prompts, and max_tokens x n reserved for "
+                f"output); this needs {tokens} more and the limit is {limit} a minute",
                 retry_after=max(retry_after, 1),
             )
 
-    def _queue_depths(self) -> dict[str, int]:
+    def _queue_depths(self) -> Depths:
         with self._lock:
             at, depths = self._depths
             if time.monotonic() - at < _CACHE_S:
                 return depths
         with self._sessions() as session:
             rows = session.execute(
-                select(Request.model, func.count())
+                select(Request.model, Request.priority, func.count())
                 .where(Request.status == RequestStatus.QUEUED)
-                .group_by(Request.model)
+                .group_by(Request.model, Request.priority)
             )
-            depths = {model: int(count) for model, count in rows}
+            depths = {(model, priority): int(count) for model, priority, count in rows}
         with self._lock:
             self._depths = (time.monotonic(), depths)
         return depths
@@ -166,27 +198,9 @@ class Limits:
         return count
 
 
-class RedisCounter:
-    def __init__(self, client: redis.Redis) -> None:
-        self._client = client
-
-    def add(self, key: str, amount: int, *, ttl_s: int) -> int:
-        with self._client.pipeline(transaction=False) as pipe:
-            pipe.incrby(key, amount)
-            pipe.expire(key, ttl_s)
-            used, _ = pipe.execute()
-        return int(used)
-
-
-class MemoryCounter:
-    """The embedded mode's single process: the same window in a dict."""
-
-    def __init__(self) -> None:
-        self._values: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def add(self, key: str, amount: int, *, ttl_s: int) -> int:
-        del ttl_s  # one key a minute; the few old ones are harmless in a short-lived demo
-        with self._lock:
-            self._values[key] = self._values.get(key, 0) + amount
-            return self._values[key]
+def _waiting(depths: Depths, model: str, priority: Priority) -> int:
+    """What a new request waits behind: interactive work runs first, so an interactive
+    request waits only behind interactive ones; bulk work waits behind everything."""
+    if priority is Priority.INTERACTIVE:
+        return depths.get((model, Priority.INTERACTIVE), 0)
+    return sum(n for (m, _), n in depths.items() if m == model)

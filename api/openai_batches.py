@@ -6,21 +6,25 @@ validated before the batch is answered; a large one is answered ``validating`` a
 in the background (``api.admission``), ``in_progress`` from its first admitted line. Output
 files are written on demand, so ``completed`` follows ``in_progress`` without a ``finalizing`` wait.
 Output and error files get ids derived from their batch (``file-<hex>-output``,
-``file-<hex>-errors``) and exist once the batch has ended.
+``file-<hex>-errors``) and exist once the batch has ended; their sizes are counted once and
+kept with the batch's job. Uploaded files are counted line by line before they are stored,
+streamed into the database, and read back a slice at a time.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy.orm import Session
 
-from api.jobs import LineError, numbered_lines
+from api.jobs import LineError
+from api.jsonl import count_lines, file_chunks
 from api.openai_errors import ApiError
 from api.openai_lines import CHAT_URL, OPENAI, error_lines, output_line, prepare_lines
 from api.openai_schemas import (
@@ -30,6 +34,7 @@ from api.openai_schemas import (
     BatchList,
     BatchObject,
     BatchStatus,
+    FileDeleted,
     FileList,
     FileObject,
     RequestCounts,
@@ -39,12 +44,13 @@ from api.service import Services, submit_job
 from inferq.enums import JobStatus, RequestStatus, TaskKind
 from storage import jobs
 from storage import openai_files as store
-from storage.models import Job, JobError, JobSource, utcnow
+from storage.models import Job, JobError, utcnow
 
 WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600}
 MAX_WINDOW = timedelta(days=7)
 MAX_LISTED_ERRORS = 1000
+DOWNLOAD_CHUNK_BYTES = 4 << 20
 GENERATED = re.compile(r"^file-([0-9a-f]{32})-(output|errors)$")
 STATUSES: dict[JobStatus, BatchStatus] = {
     JobStatus.VALIDATING: "in_progress",  # lines admitted so far are running
@@ -85,25 +91,57 @@ def parse_window(text: str) -> timedelta:
 
 
 def upload_file(
-    services: Services, tenant_id: uuid.UUID, *, filename: str, purpose: str, data: bytes
+    services: Services, tenant_id: uuid.UUID, *, filename: str, purpose: str, upload: BinaryIO
 ) -> FileObject:
+    """Store a batch input file. Its lines are counted from the spooled upload before it is
+    read whole, so a file a batch could never run is refused at once, and so are bytes over
+    the tenant's quota (another upload of the same tenant waits for this one's commit)."""
+    settings = services.settings
     if purpose != "batch":
         raise ApiError(400, f"purpose {purpose!r} is not supported; use 'batch'", param="purpose")
-    limit = services.settings.max_upload_bytes
-    if len(data) > limit:
-        raise ApiError(413, f"the file is {len(data)} bytes; the limit is {limit}", param="file")
+    size = upload.seek(0, io.SEEK_END)
+    if size > settings.max_upload_bytes:
+        limit = settings.max_upload_bytes
+        raise ApiError(413, f"the file is {size} bytes; the limit is {limit}", param="file")
+    count_lines(file_chunks(upload), limit=settings.max_job_lines)
     row = store.StoredFile(
         id=store.new_file_id(),
         tenant_id=tenant_id,
-        filename=filename[:255] or "upload.jsonl",
+        filename=filename.replace("\x00", "")[:255] or "upload.jsonl",
         purpose=purpose,
-        size=len(data),
-        content=data,
+        size=size,
         created_at=utcnow(),
     )
     with services.sessions.begin() as session:
-        session.add(row)
+        used = store.stored_bytes(session, tenant_id, lock=True)
+        quota = settings.tenant_file_quota_bytes
+        if quota and used + size > quota:
+            raise ApiError(
+                400,
+                f"your files hold {used} bytes and this one {size}; the quota is "
+                f"{quota} bytes a tenant: delete files you no longer need",
+                code="quota_exceeded",
+                param="file",
+            )
+        store.insert_streamed(session, row, file_chunks(upload))
     return _file_public(row)
+
+
+def delete_file(services: Services, tenant_id: uuid.UUID, file_id: str) -> FileDeleted:
+    """Delete an uploaded file. A batch created from it keeps running: it took its own copy
+    of the lines when it was created. Output and error files are not stored, so they cannot
+    be deleted alone; ``inferq prune`` removes old request payloads."""
+    with services.sessions.begin() as session:
+        if _generated(session, tenant_id, file_id) is not None:
+            raise ApiError(
+                400,
+                f"{file_id} is written from its batch's requests and is not stored; "
+                "it cannot be deleted alone",
+                param="file_id",
+            )
+        if not store.delete_file(session, tenant_id, file_id):
+            raise ApiError(404, f"no file {file_id!r}", param="file_id")
+    return FileDeleted(id=file_id)
 
 
 def get_file(services: Services, tenant_id: uuid.UUID, file_id: str) -> FileObject:
@@ -112,7 +150,7 @@ def get_file(services: Services, tenant_id: uuid.UUID, file_id: str) -> FileObje
         if generated is None:
             return _file_public(_owned_file(session, tenant_id, file_id))
         batch, job, kind = generated
-        size = sum(len(chunk) for chunk in _file_lines(session, job, kind))
+        size = _generated_size(session, job, kind)
         ended = batch.completed_at or batch.expired_at or batch.cancelled_at or utcnow()
         return FileObject(
             id=file_id,
@@ -121,6 +159,18 @@ def get_file(services: Services, tenant_id: uuid.UUID, file_id: str) -> FileObje
             filename=f"{batch.id}_{kind}.jsonl",
             purpose="batch_output",
         )
+
+
+def _generated_size(session: Session, job: Job, kind: str) -> int:
+    """An output or error file's bytes, written out (and counted) once, then kept with its
+    job: an ended batch's files do not change until ``inferq prune`` empties them, which
+    forgets the sizes."""
+    key = f"{kind}_bytes"
+    shared = dict(job.shared or {})
+    if key not in shared:
+        shared[key] = sum(len(chunk) for chunk in _file_lines(session, job, kind))
+        job.shared = shared
+    return int(shared[key])
 
 
 def list_files(
@@ -138,7 +188,8 @@ def file_content(services: Services, tenant_id: uuid.UUID, file_id: str) -> Iter
     with services.sessions.begin() as session:
         generated = _generated(session, tenant_id, file_id)
         if generated is None:
-            return iter([_owned_file(session, tenant_id, file_id).content])
+            size = _owned_file(session, tenant_id, file_id).size
+            return _stored_chunks(services, file_id, size)
         _batch, job, kind = generated
 
     def chunks() -> Iterator[bytes]:
@@ -146,6 +197,12 @@ def file_content(services: Services, tenant_id: uuid.UUID, file_id: str) -> Iter
             yield from _file_lines(session, job, kind)
 
     return chunks()
+
+
+def _stored_chunks(services: Services, file_id: str, size: int) -> Iterator[bytes]:
+    """An uploaded file a slice at a time, so a download holds one slice, not the file."""
+    with services.sessions() as session:
+        yield from store.content_slices(session, file_id, size, DOWNLOAD_CHUNK_BYTES)
 
 
 def _owned_file(session: Session, tenant_id: uuid.UUID, file_id: str) -> store.StoredFile:
@@ -204,15 +261,17 @@ def create_batch(services: Services, tenant_id: uuid.UUID, body: BatchCreate) ->
     if body.endpoint != CHAT_URL:
         raise ApiError(400, f"endpoint {body.endpoint!r} is not supported; use {CHAT_URL}")
     window = parse_window(body.completion_window)
+    settings = services.settings
     with services.sessions() as session:
         upload = store.get_file(session, tenant_id, body.input_file_id)
         if upload is None or upload.purpose != "batch":
             raise ApiError(400, f"no batch file {body.input_file_id!r}", param="input_file_id")
-        data = upload.content
+        slices = store.content_slices(session, upload.id, upload.size, DOWNLOAD_CHUNK_BYTES)
+        lines = count_lines(slices, limit=settings.max_job_lines)  # read a slice at a time
+        data = upload.content if lines <= settings.inline_job_lines else None
     now = utcnow()
-    lines = numbered_lines(data)
-    if len(lines) > services.settings.inline_job_lines:
-        return _create_validating(services, tenant_id, body, data, lines=len(lines), now=now)
+    if data is None:
+        return _create_validating(services, tenant_id, body, now=now)
     prepared, errors = prepare_lines(services, tenant_id, data)
     batch = store.Batch(
         id=store.new_batch_id(),
@@ -229,6 +288,8 @@ def create_batch(services: Services, tenant_id: uuid.UUID, body: BatchCreate) ->
         with services.sessions.begin() as session:
             session.add(batch)
         return get_batch(services, tenant_id, batch.id)
+    if services.limits is not None:  # 429, like any other way in
+        services.limits.admit(prepared)
     models = {item.model for item in prepared}
     job = Job(
         id=uuid.uuid4(),
@@ -253,15 +314,11 @@ def _create_validating(
     services: Services,
     tenant_id: uuid.UUID,
     body: BatchCreate,
-    data: bytes,
     *,
-    lines: int,
     now: datetime,
 ) -> BatchObject:
-    """A large file: store it and answer ``validating``; ``api.admission`` checks and runs it."""
-    if lines > services.settings.max_job_lines:
-        limit = services.settings.max_job_lines
-        raise ApiError(400, f"the input file has {lines} lines; the limit is {limit}")
+    """A large file: copy it (inside the database) to the job's source and answer
+    ``validating``; ``api.admission`` checks and runs it."""
     expires_at = now + parse_window(body.completion_window)
     job = Job(
         id=uuid.uuid4(),
@@ -286,9 +343,9 @@ def _create_validating(
     with services.sessions.begin() as session:
         session.add(job)
         session.flush()
-        session.add_all(
-            [JobSource(job_id=job.id, content=data, format=OPENAI, strict=False), batch]
-        )
+        if not store.copy_to_source(session, body.input_file_id, job.id, format=OPENAI):
+            raise ApiError(400, f"no batch file {body.input_file_id!r}", param="input_file_id")
+        session.add(batch)
     return get_batch(services, tenant_id, batch.id)
 
 

@@ -33,6 +33,7 @@ from api.openai_schemas import (
 )
 from api.service import Services, prepare
 from api.streaming import STREAM_WAIT_S, event, sse
+from api.waits import WaitSlots
 from inferq.enums import Priority, RequestStatus
 from storage.models import Request
 from storage.requests import get_for_tenant
@@ -50,10 +51,13 @@ async def complete(
     body: ChatCompletionBody,
     *,
     disconnected: Callable[[], Awaitable[bool]],
+    waits: WaitSlots,
 ) -> ChatCompletion:
-    """Submit the chat and answer its completion once a worker has written it."""
-    row = await _submit(services, committer, tenant_id, body)
-    row = await _wait(services, tenant_id, row.id, disconnected)
+    """Submit the chat and answer its completion once a worker has written it. The wait is a
+    long poll: over the tenant's cap the answer is a 429 before anything is submitted."""
+    with waits.hold(tenant_id):
+        row = await _submit(services, committer, tenant_id, body)
+        row = await _wait(services, tenant_id, row.id, disconnected)
     if row.status is RequestStatus.SUCCEEDED:
         return ChatCompletion.of(row)
     if not row.status.terminal:

@@ -21,15 +21,24 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api.jobs import LineError, numbered_lines, read_jsonl
+from api.jobs import LineError, read_jsonl
+from api.jsonl import numbered_lines
+from api.line_checks import (
+    MAX_ID_CHARS,
+    id_problem,
+    prepare_each,
+    printable,
+    unexpected,
+    value_problem,
+)
 from api.openai_schemas import ChatCompletion, ChatCompletionBody, describe
-from api.service import BadRequest, Prepared, Services, prepare
+from api.service import BadRequest, Prepared, Services
 from inferq.enums import Priority, RequestStatus
 from storage.models import JobError, Request
 
 CHAT_URL = "/v1/chat/completions"
 OPENAI = "openai"  # job_sources.format of a Batch API input file
-MAX_CUSTOM_ID = 200  # the width of requests.item_id
+MAX_CUSTOM_ID = MAX_ID_CHARS  # the width of requests.item_id
 ERROR_CODES = {
     RequestStatus.EXPIRED: "batch_expired",
     RequestStatus.CANCELLED: "batch_cancelled",
@@ -69,9 +78,14 @@ def check_lines(
         custom_id = _custom_id(item)
         try:
             body = _check_line(item, number, custom_id, first_seen)
-            ready = prepare(services, tenant_id, body.to_native(Priority.BATCH))
+            [ready] = prepare_each(services, tenant_id, [body.to_native(Priority.BATCH)])
+            if isinstance(ready, BadRequest):
+                raise ready
         except BadRequest as exc:
-            errors.append(LineError(number, custom_id, str(exc)))
+            errors.append(LineError(number, custom_id, printable(str(exc))))
+            continue
+        except Exception as exc:  # no line, whatever it holds, stops the others
+            errors.append(LineError(number, custom_id, unexpected(exc)))
             continue
         prepared.append(dataclasses.replace(ready, item_id=custom_id, line=number))
     return prepared, errors
@@ -81,7 +95,9 @@ def _custom_id(item: Any) -> str | None:
     if not isinstance(item, dict):
         return None
     value = item.get("custom_id")
-    return value if isinstance(value, str) and 0 < len(value) <= MAX_CUSTOM_ID else None
+    if not isinstance(value, str) or not value or id_problem(value) is not None:
+        return None
+    return value
 
 
 def _check_line(
@@ -90,7 +106,11 @@ def _check_line(
     if not isinstance(item, dict):
         raise BadRequest("a line must be a JSON object")
     if custom_id is None:
-        raise BadRequest(f"custom_id must be a non-empty string of at most {MAX_CUSTOM_ID} chars")
+        raise BadRequest(
+            f"custom_id must be a non-empty string of at most {MAX_CUSTOM_ID} chars, no NUL"
+        )
+    if (unstorable := value_problem(item)) is not None:
+        raise BadRequest(unstorable)
     if custom_id in first_seen:
         raise BadRequest(
             f"duplicate custom_id {custom_id!r} (first on line {first_seen[custom_id]})"

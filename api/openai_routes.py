@@ -25,6 +25,7 @@ from api.openai_schemas import (
     ChatCompletion,
     ChatCompletionBody,
     ErrorBody,
+    FileDeleted,
     FileList,
     FileObject,
 )
@@ -44,14 +45,13 @@ async def create_file(request: Request, tenant: Caller) -> FileObject:
         raise ApiError(400, "the upload needs a 'file' part", param="file")
     if not isinstance(purpose, str):
         raise ApiError(400, "the upload needs a 'purpose' field", param="purpose")
-    data = await upload.read()
     return await run_in_threadpool(
         batches.upload_file,
         services,
         tenant.id,
         filename=upload.filename or "",
         purpose=purpose,
-        data=data,
+        upload=upload.file,  # spooled to disk by Starlette; read after its lines are counted
     )
 
 
@@ -65,6 +65,11 @@ def list_files(
 @router.get("/v1/files/{file_id}")
 def get_file(request: Request, tenant: Caller, file_id: str) -> FileObject:
     return batches.get_file(services_of(request), tenant.id, file_id)
+
+
+@router.delete("/v1/files/{file_id}")
+def delete_file(request: Request, tenant: Caller, file_id: str) -> FileDeleted:
+    return batches.delete_file(services_of(request), tenant.id, file_id)
 
 
 @router.get("/v1/files/{file_id}/content")
@@ -121,5 +126,10 @@ async def chat_completions(
         chunks = await stream(services, committer, reader, tenant.id, body)
         return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
     return await complete(
-        services, committer, tenant.id, body, disconnected=request.is_disconnected
+        services,
+        committer,
+        tenant.id,
+        body,
+        disconnected=request.is_disconnected,
+        waits=request.app.state.waits,
     )

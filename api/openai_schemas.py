@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.schemas import CreateRequest
+from api.storable import check_storable
 from inferq.enums import Priority, TaskKind
 from storage.models import Request, as_utc
 from tasks.templates import MaxTokens, SamplingIn, Seed, Temperature, TopP, check_stop
@@ -150,6 +151,7 @@ class ChatCompletionBody(_Strict):
             and (self.max_tokens != self.max_completion_tokens)
         ):
             raise ValueError("max_tokens and max_completion_tokens disagree; send one")
+        check_storable(self.model_dump(by_alias=True, exclude_defaults=True))
         return self
 
     def to_native(self, priority: Priority) -> CreateRequest:
@@ -290,6 +292,12 @@ class FileList(BaseModel):
     first_id: str | None = None
     last_id: str | None = None
     has_more: bool = False
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
 
 
 class BatchCreate(_Strict):

@@ -15,6 +15,7 @@ from api.auth import Caller, services_of
 from api.schemas import CreateRequest, ModelList, ModelPublic, RequestPublic
 from api.service import Services, prepare
 from api.streaming import SSE_HEADERS, RequestFrames, sse
+from storage.models import Request as RequestRow
 from storage.requests import get_for_tenant
 from tasks.queues import model_queue
 
@@ -56,17 +57,20 @@ async def get_request(
     request_id: uuid.UUID,
     wait: Annotated[float, Query(ge=0, description="Seconds to wait for a result")] = 0,
 ) -> RequestPublic:
+    """A long poll (``wait``) checks with backoff on the event loop, holding no thread; a
+    tenant holds at most ``max_waits_per_tenant`` of them (one more is a 429)."""
     services = services_of(request)
     deadline = time.monotonic() + min(wait, services.settings.max_wait_s)
+    row = await _found(services, tenant.id, request_id)
+    if row.status.terminal or time.monotonic() >= deadline:
+        return RequestPublic.of(row)
     pause = 0.02
-    while True:
-        row = await run_in_threadpool(_load, services, tenant.id, request_id)
-        if row is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no request {request_id}")
-        if row.status.terminal or time.monotonic() >= deadline:
-            return RequestPublic.of(row)
-        await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
-        pause = min(pause * 2, 0.5)
+    with request.app.state.waits.hold(tenant.id):
+        while not row.status.terminal and time.monotonic() < deadline:
+            await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+            pause = min(pause * 2, 0.5)
+            row = await _found(services, tenant.id, request_id)
+    return RequestPublic.of(row)
 
 
 @router.get(
@@ -85,6 +89,13 @@ async def stream_request(request: Request, tenant: Caller, request_id: uuid.UUID
     return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _load(services: Services, tenant_id: uuid.UUID, request_id: uuid.UUID):  # type: ignore[no-untyped-def]
+async def _found(services: Services, tenant_id: uuid.UUID, request_id: uuid.UUID) -> RequestRow:
+    row = await run_in_threadpool(_load, services, tenant_id, request_id)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no request {request_id}")
+    return row
+
+
+def _load(services: Services, tenant_id: uuid.UUID, request_id: uuid.UUID) -> RequestRow | None:
     with services.sessions() as session:
         return get_for_tenant(session, tenant_id, request_id)

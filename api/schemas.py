@@ -6,8 +6,9 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from api.storable import check_storable
 from inferq.enums import JobStatus, Priority, RequestStatus, TaskKind
 from storage.jobs import Progress
 from storage.models import Job, Request, as_utc
@@ -56,6 +57,13 @@ class CreateRequest(BaseModel):
         default=False,
         description="Publish tokens as they are generated, for GET /v1/requests/{id}/stream.",
     )
+
+    @model_validator(mode="after")
+    def _storable(self) -> CreateRequest:
+        # NaN in ``input`` is refused, naming the field, where its template reads it; the
+        # other fields are typed. NUL goes through both, so it is refused here.
+        check_storable(self.model_dump(mode="python", exclude_defaults=True), finite=False)
+        return self
 
 
 class Usage(BaseModel):

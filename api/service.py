@@ -33,6 +33,7 @@ from storage.requests import find_by_idempotency_key
 from tasks.app import InferqCelery, publish
 from tasks.contract import EngineRequest, RunMessage
 from tasks.queues import model_queue
+from tasks.schema_guard import SchemaLimits
 from tasks.templates import render
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,10 @@ def _stage(
     why_not: Callable[[Route], str | None],
 ) -> Prepared | BadRequest:
     try:
-        engine_request = render(body.task, body.input, body.params)
+        limits = SchemaLimits(
+            services.settings.max_schema_chars, services.settings.max_schema_depth
+        )
+        engine_request = render(body.task, body.input, body.params, limits=limits)
     except ValidationError as exc:
         return BadRequest(_describe(exc, prefix="input"))
     except ValueError as exc:
@@ -184,7 +188,11 @@ def _longer_context(services: Services, item: Prepared, prompt_tokens: int) -> t
 
 def check_webhook_url(settings: Settings, url: str) -> None:
     try:
-        check_url(url, allow_private=settings.webhook_allow_private)
+        check_url(
+            url,
+            allow_private=settings.webhook_allow_private,
+            dns_timeout_s=settings.webhook_dns_timeout_s,
+        )
     except UnsafeURL as exc:
         raise BadRequest(f"webhook_url: {exc}") from exc
 

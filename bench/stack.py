@@ -25,10 +25,8 @@ from typing import Any
 
 import aiohttp
 import httpx
-import psycopg
 import redis
 from sqlalchemy import ColumnElement, func, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.workload import Item, jsonl
@@ -36,8 +34,8 @@ from inferq.enums import RequestStatus
 from inferq.settings import Settings
 from router import load_config
 from router.config import ModelSpec
-from storage.db import make_engine, make_sessionmaker, normalise_url
-from storage.migrate import upgrade
+from storage.db import make_engine, make_sessionmaker
+from storage.migrate import scratch_database
 from storage.models import LedgerEntry, Request, as_utc
 from storage.tenants import create_tenant
 
@@ -191,18 +189,8 @@ def stop(processes: Sequence[subprocess.Popen[bytes]]) -> None:
 @contextmanager
 def database(admin_url: str) -> Iterator[str]:
     """A throwaway Postgres database for one run."""
-    admin = make_url(normalise_url(admin_url))
-    name = f"inferq_bench_{uuid.uuid4().hex[:10]}"
-    conninfo = admin.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = admin.set(database=name).render_as_string(hide_password=False)
-        upgrade(url)
+    with scratch_database(admin_url, "inferq_bench") as url:
         yield url
-    finally:
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager

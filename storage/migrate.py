@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.engine import make_url
 
 from storage.db import normalise_url
 
@@ -22,3 +27,25 @@ def alembic_config(database_url: str) -> Config:
 
 def upgrade(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
+
+
+@contextmanager
+def scratch_database(admin_url: str, prefix: str = "inferq_scratch") -> Iterator[str]:
+    """A new Postgres database beside ``admin_url``'s, migrated to head, dropped on exit
+    (for tests and benchmarks that need one of their own).
+
+    Raises:
+        psycopg.OperationalError: Postgres is not reachable at ``admin_url``.
+    """
+    admin = make_url(normalise_url(admin_url))
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    conninfo = admin.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = admin.set(database=name).render_as_string(hide_password=False)
+        upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -181,7 +181,7 @@ class JobSource(Base):
     job_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
     )
-    content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)  # read once per job
+    content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)  # read in slices
     format: Mapped[str] = mapped_column(String(8))
     strict: Mapped[bool] = mapped_column(Boolean)
     cursor: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

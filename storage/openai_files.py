@@ -9,13 +9,28 @@ Output and error files are not stored: they are written from the job's rows on d
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, LargeBinary, String, select
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Uuid,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+)
+from sqlalchemy.orm import InstrumentedAttribute, Mapped, Session, mapped_column
 
-from storage.models import Base, utcnow
+from storage.models import Base, JobSource, Tenant, utcnow
 
 
 def new_file_id() -> str:
@@ -73,6 +88,89 @@ def get_file(session: Session, tenant_id: uuid.UUID, file_id: str) -> StoredFile
     return session.scalar(
         select(StoredFile).where(StoredFile.id == file_id, StoredFile.tenant_id == tenant_id)
     )
+
+
+def stored_bytes(session: Session, tenant_id: uuid.UUID, *, lock: bool = False) -> int:
+    """The bytes of the tenant's uploaded files. With ``lock``, the tenant's row is locked
+    until the transaction ends, so two uploads at once cannot both fit the last of a quota."""
+    if lock:
+        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    used = session.scalar(
+        select(func.coalesce(func.sum(StoredFile.size), 0)).where(StoredFile.tenant_id == tenant_id)
+    )
+    return int(used or 0)
+
+
+def content_slice(
+    session: Session,
+    content: InstrumentedAttribute[bytes],
+    row: ColumnElement[bool],
+    offset: int,
+    length: int,
+) -> bytes:
+    """``length`` bytes from ``offset`` of a stored content (a file's, a job source's), empty
+    past its end or if the row is gone. Read so, a content of 200 MB never passes whole
+    through the driver, which would hold it several times over."""
+    piece = session.scalar(select(func.substr(content, offset + 1, length)).where(row))
+    return bytes(piece or b"")
+
+
+_COPY_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def insert_streamed(session: Session, row: StoredFile, chunks: Iterable[bytes]) -> None:
+    """Insert ``row`` with the content that ``chunks`` make up. On Postgres the content is
+    streamed in with COPY, so it is never whole in memory (a bytea parameter would be, twice:
+    ours and the driver's copy); elsewhere (the embedded SQLite) it is joined."""
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        row.content = b"".join(chunks)
+        session.add(row)
+        return
+    fields = [row.id, str(row.tenant_id), row.filename, row.purpose, str(row.size)]
+    fields.append(row.created_at.isoformat())
+    head = "\t".join(_copy_field(field) for field in fields)
+    sql = "COPY files (id, tenant_id, filename, purpose, bytes, created_at, content) FROM STDIN"
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cursor, cursor.copy(sql) as copy:
+        copy.write(head + "\t\\\\x")  # bytea's hex form; COPY wants its backslash doubled
+        for chunk in chunks:
+            copy.write(chunk.hex())
+        copy.write("\n")
+
+
+def _copy_field(text: str) -> str:
+    """A value in COPY's text format (no NUL: the caller removed them)."""
+    return "".join(_COPY_ESCAPES.get(char, char) for char in text)
+
+
+def content_slices(session: Session, file_id: str, size: int, length: int) -> Iterator[bytes]:
+    """A file's content in slices of ``length`` bytes; it ends early if the file is deleted."""
+    for offset in range(0, size, length):
+        piece = content_slice(session, StoredFile.content, StoredFile.id == file_id, offset, length)
+        if not piece:
+            return
+        yield piece
+
+
+def copy_to_source(session: Session, file_id: str, job_id: uuid.UUID, *, format: str) -> bool:
+    """Copy a file's content into a new job source without it passing through Python; False
+    if the file is gone."""
+    content = select(
+        literal(job_id, Uuid), StoredFile.content, literal(format), literal(False), literal(0)
+    ).where(StoredFile.id == file_id)
+    columns = ["job_id", "content", "format", "strict", "cursor"]
+    result = session.execute(insert(JobSource).from_select(columns, content))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def delete_file(session: Session, tenant_id: uuid.UUID, file_id: str) -> bool:
+    """Delete the tenant's file; False if it has none by that id."""
+    result = session.execute(
+        delete(StoredFile).where(StoredFile.id == file_id, StoredFile.tenant_id == tenant_id)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def list_files(

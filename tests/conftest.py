@@ -22,13 +22,12 @@ import psycopg
 import pytest
 import redis
 from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from inferq.enums import Priority, RequestStatus, TaskKind
 from inferq.settings import Settings
-from storage.db import make_engine, make_sessionmaker, normalise_url
-from storage.migrate import upgrade
+from storage.db import make_engine, make_sessionmaker
+from storage.migrate import scratch_database
 from storage.models import Request
 from storage.tenants import create_tenant
 from tasks.contract import EngineRequest, RunMessage
@@ -56,19 +55,11 @@ def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str) -> Non
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A database of its own for this session, migrated to head, dropped at the end."""
-    admin = make_url(normalise_url(PG_URL))
-    name = f"inferq_test_{uuid.uuid4().hex[:12]}"
-    conninfo = admin.set(drivername="postgresql").render_as_string(hide_password=False)
     try:
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+        with scratch_database(PG_URL, "inferq_test") as url:
+            yield url
     except psycopg.OperationalError as exc:
         pytest.fail(f"Postgres is required at {PG_URL}: {exc}")
-    url = admin.set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 BROKER_PREFIX = f"inferq-test-{uuid.uuid4().hex[:8]}:"
