@@ -24,12 +24,17 @@ RUN if [ "$INFERQ_EXTRA" = gpu ]; then \
 WORKDIR /src
 # Copy only what the package is built from (BuildKit then sends only these, not .venv/.git).
 COPY pyproject.toml constraints.txt ./
-COPY inferq/ inferq/
-COPY api/ api/
-COPY router/ router/
+COPY core/ core/
 COPY storage/ storage/
+COPY router/ router/
 COPY tasks/ tasks/
+COPY weights/ weights/
+COPY submission/ submission/
+COPY maintenance/ maintenance/
+COPY quality/ quality/
+COPY api/ api/
 COPY workers/ workers/
+COPY inferq/ inferq/
 
 # Not editable: the source folder is not needed at runtime.
 # cpu: as the Makefile's install step: the same pins (constraints.txt was resolved for the CPU

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/inferq --log-level WARNING demo
+	$(BIN)/inferq demo
 
 services:
 	scripts/services.sh

@@ -10,7 +10,7 @@ A restart resumes at the cursor, and a crash between commit and publish is the r
 to repair.
 While a job has ``admission_max_open`` requests waiting it is not admitted further, so a big
 job fills its queue gradually and interactive work still gets in. Each chunk passes the same
-limits as any request (``api.limits``): past its tenant's requests in flight, a model's queue
+limits as any request (``submission.limits``): past its tenant's requests in flight, a model's queue
 or the tenant's tokens per minute, the job waits (a smaller chunk next time) rather than fail.
 
 A strict job is checked whole before anything of it is inserted: one bad line fails it; once
@@ -40,15 +40,16 @@ from sqlalchemy.orm import Session
 from api import job_source, openai_lines
 from api import jobs as native
 from api.jobs import LineError, parse_line
-from api.limits import TooBusy
 from api.line_checks import printable
-from api.openai_batches import refusals
-from api.openai_lines import OPENAI
-from api.service import Fresh, Prepared, Services, insert_job_requests, publish_requests
-from inferq.enums import JobStatus, RequestStatus
+from api.openai_lines import OPENAI, refusals
+from core.enums import JobStatus, RequestStatus
 from storage.events import close_finished_jobs
-from storage.models import Job, JobError, JobSource, Request, utcnow
 from storage.openai_files import Batch
+from storage.tables import Job, JobError, JobSource, Request, utcnow
+from submission.limits import TooBusy
+from submission.prepare import Prepared
+from submission.services import Services
+from submission.submit import Fresh, insert_job_requests, publish_requests
 from tasks.webhooks import publish_deliveries
 
 log = logging.getLogger(__name__)

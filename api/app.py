@@ -20,45 +20,23 @@ from api.admission import Admitter
 from api.auth import KeyCache
 from api.committer import GroupCommitter
 from api.job_routes import router as job_router
-from api.limits import Limits, TooBusy
 from api.metrics import install_metrics
 from api.openai_errors import error_response
 from api.openai_routes import router as openai_router
 from api.routes import router
 from api.schemas import ERRORS
-from api.service import BadRequest, Services
 from api.waits import WaitSlots
 from api.webhooks import router as webhooks_router
-from inferq.models import PromptMeter, resolve_model_path
-from inferq.settings import Settings
+from core.settings import Settings
+from maintenance.reconciler import Reconciler
 from router import load_config
-from router.health import ModelHealth
-from storage.db import make_engine, make_sessionmaker
-from tasks.app import create_celery
+from submission.limits import TooBusy
+from submission.prepare import BadRequest
+from submission.services import Services, build_services
 from tasks.streams import create_reader
-from workers.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5
-
-
-def build_services(settings: Settings) -> Services:
-    """Everything the handlers need: config, database, broker producer, token meters."""
-    config = load_config(settings.config)
-    meters = {
-        name: PromptMeter(resolve_model_path(spec.path, settings))
-        for name, spec in config.models.items()
-    }
-    sessions = make_sessionmaker(make_engine(settings.database_url))
-    return Services(
-        settings=settings,
-        config=config,
-        sessions=sessions,
-        celery=create_celery(settings, config),
-        meters=meters,
-        limits=Limits.create(settings, sessions),
-        health=ModelHealth.create(settings, config.breaker),
-    )
 
 
 def create_app(settings: Settings, services: Services | None = None) -> FastAPI:

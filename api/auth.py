@@ -16,18 +16,16 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import Tenant
+from core.settings import Settings
+from storage.tables import Tenant
 from storage.tenants import hash_key, tenant_for_key, well_formed
-
-if TYPE_CHECKING:
-    from api.service import Services
-    from inferq.settings import Settings
+from submission.services import Services
 
 V = TypeVar("V")
 MAX_ENTRIES = 100_000  # per cache: bounds the memory a flood of distinct tokens can take

@@ -13,8 +13,10 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from api.service import Prepared, Services, submit_many
-from storage.models import Request
+from storage.tables import Request
+from submission.prepare import Prepared
+from submission.services import Services
+from submission.submit import submit_many
 
 Submitted = tuple[Request, bool]
 
@@ -43,7 +45,7 @@ class GroupCommitter:
         """Queue one request for the next group commit.
 
         Raises:
-            TooBusy: a limit is reached (api.limits); nothing was queued.
+            TooBusy: a limit is reached (submission.limits); nothing was queued.
         """
         if self._services.limits is not None:
             self._services.limits.admit([prepared])
@@ -74,7 +76,7 @@ class GroupCommitter:
                 return
             # One bad request (say, an idempotency key raced) must not fail its neighbours:
             # halve the group until it fails alone, a few commits rather than one per request.
-            # (Values Postgres refuses are refused before they get here: api.storable.)
+            # (Values Postgres refuses are refused before they get here: submission.storable.)
             half = len(group) // 2
             self._commit(group[:half])
             self._commit(group[half:])

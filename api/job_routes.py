@@ -17,12 +17,13 @@ from api.auth import Caller, services_of
 from api.jobs import JobBody, JobSpec, as_jsonl, create_job
 from api.jsonl import TooManyLines, read_counted
 from api.schemas import JobList, JobPublic, result_line
-from api.service import BadRequest, Services
-from inferq.enums import JobStatus
-from inferq.settings import Settings
+from core.enums import JobStatus
+from core.settings import Settings
 from storage import jobs
 from storage.events import close_finished_jobs
-from storage.models import Job, utcnow
+from storage.tables import Job, utcnow
+from submission.prepare import BadRequest
+from submission.services import Services
 from tasks.webhooks import publish_deliveries
 
 router = APIRouter()

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from api.jsonl import NumberedLines
-from storage.models import JobSource
 from storage.openai_files import content_slice
+from storage.tables import JobSource
 
 SLICE_BYTES = 4 << 20
 Fetch = Callable[[int, int], bytes]  # (offset, length): the source's bytes there, b"" past its end

@@ -26,16 +26,12 @@ from api.line_checks import (
     unexpected,
     value_problem,
 )
-from api.schemas import CreateRequest
-from api.service import (
-    BadRequest,
-    Prepared,
-    Services,
-    check_webhook_url,
-    submit_job,
-)
-from inferq.enums import JobStatus, Priority, TaskKind
-from storage.models import Job, JobError, JobSource
+from core.enums import JobStatus, Priority, TaskKind
+from storage.tables import Job, JobError, JobSource
+from submission.prepare import BadRequest, Prepared, check_webhook_url
+from submission.request import CreateRequest
+from submission.services import Services
+from submission.submit import submit_job
 from tasks.templates import INPUT_MODELS, SamplingIn, json_text
 
 MAX_REPORTED_ERRORS = 20

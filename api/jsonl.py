@@ -16,7 +16,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO, overload
 
-from api.service import BadRequest
+from submission.prepare import BadRequest
 
 CHUNK_BYTES = 1 << 20
 _NONBLANK = re.compile(rb"[^\S\n]*\S[^\n]*")  # a line with something in it, from its start

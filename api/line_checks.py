@@ -15,8 +15,9 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from api.schemas import CreateRequest
-from api.service import BadRequest, Prepared, Services, prepare_many
+from submission.prepare import BadRequest, Prepared, prepare_many
+from submission.request import CreateRequest
+from submission.services import Services
 
 MAX_DEPTH = 64  # objects and arrays inside each other; a real schema stays far below
 MAX_ID_CHARS = 200  # the width of requests.item_id and job_errors.item_id
@@ -74,7 +75,7 @@ def unexpected(exc: BaseException) -> str:
 def prepare_each(
     services: Services, tenant_id: uuid.UUID, bodies: Sequence[CreateRequest]
 ) -> list[Prepared | BadRequest]:
-    """:func:`api.service.prepare_many`, and where that raises, each body alone: a body that
+    """:func:`submission.submit.prepare_many`, and where that raises, each body alone: a body that
     raises is refused with the reason. If every one of several bodies raises, the fault is
     not the lines' (a tokenizer that cannot load, say) and the first exception propagates."""
     try:

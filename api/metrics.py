@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from celery import Celery
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -24,12 +23,12 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.service import Services
-from inferq.enums import OPEN_STATUSES, RequestStatus
-from inferq.quality.report import RegressionCollector
-from storage.models import Request as RequestRow
-from storage.models import as_utc
-from tasks.queues import model_queues
+from core.enums import OPEN_STATUSES, RequestStatus
+from quality.compare import RegressionCollector
+from storage.tables import Request as RequestRow
+from storage.tables import as_utc
+from submission.services import Services
+from tasks.queues import queue_depths
 
 CACHE_TTL_S = 2.0
 EVAL_TTL_S = 30.0  # evaluation runs change weekly; the gauge need not be fresher
@@ -119,7 +118,7 @@ def take_snapshot(services: Services, models: Iterable[str]) -> dict[str, ModelQ
     now = datetime.now(UTC)
     with services.sessions() as session:
         open_requests = open_by_model(session)
-    depths = broker_depths(services.celery, models)
+    depths = queue_depths(services.celery, models)
     snapshot = {}
     for model in models:
         queued, running, oldest = open_requests.get(model, (0, 0, None))
@@ -149,13 +148,3 @@ def open_by_model(session: Session) -> dict[str, tuple[int, int, datetime | None
             running = count
         found[model] = (queued, running, first)
     return found
-
-
-def broker_depths(celery: Celery, models: Iterable[str]) -> dict[str, int]:
-    """Messages on each model's queues, counted by kombu (priority lists and key prefix too)."""
-    with celery.connection_for_read() as connection:
-        channel = connection.default_channel
-        return {
-            m: sum(int(channel.queue_declare(queue=q).message_count) for q in model_queues(m))
-            for m in models
-        }

@@ -1,32 +1,25 @@
-"""The OpenAI Batch API over native jobs: files in, a job per batch, files out on demand.
+"""The OpenAI Batch API over native jobs: a job per batch, its status read from the job.
 
 A batch's status is read from its job's progress each time it is read: past the completion
 window, what has not started expires first (``storage.jobs.expire_overdue``). A small file is
 validated before the batch is answered; a large one is answered ``validating`` and admitted
 in the background (``api.admission``), ``in_progress`` from its first admitted line. Output
-files are written on demand, so ``completed`` follows ``in_progress`` without a ``finalizing`` wait.
-Output and error files get ids derived from their batch (``file-<hex>-output``,
-``file-<hex>-errors``) and exist once the batch has ended; their sizes are counted once and
-kept with the batch's job. Uploaded files are counted line by line before they are stored,
-streamed into the database, and read back a slice at a time.
+files are written on demand (``api.openai_files``), so ``completed`` follows ``in_progress``
+without a ``finalizing`` wait.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import re
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import Any, BinaryIO
+from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.jobs import LineError
-from api.jsonl import count_lines, file_chunks
+from api.jsonl import count_lines
 from api.openai_errors import ApiError
-from api.openai_lines import CHAT_URL, OPENAI, error_lines, output_line, prepare_lines
+from api.openai_lines import CHAT_URL, OPENAI, prepare_lines, refusals
 from api.openai_schemas import (
     BatchCreate,
     BatchErrorItem,
@@ -34,24 +27,20 @@ from api.openai_schemas import (
     BatchList,
     BatchObject,
     BatchStatus,
-    FileDeleted,
-    FileList,
-    FileObject,
     RequestCounts,
+    list_ends,
     unix,
 )
-from api.service import Services, submit_job
-from inferq.enums import JobStatus, RequestStatus, TaskKind
+from core.enums import JobStatus, RequestStatus, TaskKind
 from storage import jobs
 from storage import openai_files as store
-from storage.models import Job, JobError, utcnow
+from storage.tables import Job, JobError, utcnow
+from submission.services import Services
+from submission.submit import submit_job
 
 WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600}
 MAX_WINDOW = timedelta(days=7)
-MAX_LISTED_ERRORS = 1000
-DOWNLOAD_CHUNK_BYTES = 4 << 20
-GENERATED = re.compile(r"^file-([0-9a-f]{32})-(output|errors)$")
 STATUSES: dict[JobStatus, BatchStatus] = {
     JobStatus.VALIDATING: "in_progress",  # lines admitted so far are running
     JobStatus.IN_PROGRESS: "in_progress",
@@ -87,174 +76,6 @@ def parse_window(text: str) -> timedelta:
     return window
 
 
-# Files.
-
-
-def upload_file(
-    services: Services, tenant_id: uuid.UUID, *, filename: str, purpose: str, upload: BinaryIO
-) -> FileObject:
-    """Store a batch input file. Its lines are counted from the spooled upload before it is
-    read whole, so a file a batch could never run is refused at once, and so are bytes over
-    the tenant's quota (another upload of the same tenant waits for this one's commit)."""
-    settings = services.settings
-    if purpose != "batch":
-        raise ApiError(400, f"purpose {purpose!r} is not supported; use 'batch'", param="purpose")
-    size = upload.seek(0, io.SEEK_END)
-    if size > settings.max_upload_bytes:
-        limit = settings.max_upload_bytes
-        raise ApiError(413, f"the file is {size} bytes; the limit is {limit}", param="file")
-    count_lines(file_chunks(upload), limit=settings.max_job_lines)
-    row = store.StoredFile(
-        id=store.new_file_id(),
-        tenant_id=tenant_id,
-        filename=filename.replace("\x00", "")[:255] or "upload.jsonl",
-        purpose=purpose,
-        size=size,
-        created_at=utcnow(),
-    )
-    with services.sessions.begin() as session:
-        used = store.stored_bytes(session, tenant_id, lock=True)
-        quota = settings.tenant_file_quota_bytes
-        if quota and used + size > quota:
-            raise ApiError(
-                400,
-                f"your files hold {used} bytes and this one {size}; the quota is "
-                f"{quota} bytes a tenant: delete files you no longer need",
-                code="quota_exceeded",
-                param="file",
-            )
-        store.insert_streamed(session, row, file_chunks(upload))
-    return _file_public(row)
-
-
-def delete_file(services: Services, tenant_id: uuid.UUID, file_id: str) -> FileDeleted:
-    """Delete an uploaded file. A batch created from it keeps running: it took its own copy
-    of the lines when it was created. Output and error files are not stored, so they cannot
-    be deleted alone; ``inferq prune`` removes old request payloads."""
-    with services.sessions.begin() as session:
-        if _generated(session, tenant_id, file_id) is not None:
-            raise ApiError(
-                400,
-                f"{file_id} is written from its batch's requests and is not stored; "
-                "it cannot be deleted alone",
-                param="file_id",
-            )
-        if not store.delete_file(session, tenant_id, file_id):
-            raise ApiError(404, f"no file {file_id!r}", param="file_id")
-    return FileDeleted(id=file_id)
-
-
-def get_file(services: Services, tenant_id: uuid.UUID, file_id: str) -> FileObject:
-    with services.sessions.begin() as session:
-        generated = _generated(session, tenant_id, file_id)
-        if generated is None:
-            return _file_public(_owned_file(session, tenant_id, file_id))
-        batch, job, kind = generated
-        size = _generated_size(session, job, kind)
-        ended = batch.completed_at or batch.expired_at or batch.cancelled_at or utcnow()
-        return FileObject(
-            id=file_id,
-            bytes=size,
-            created_at=unix(ended) or 0,
-            filename=f"{batch.id}_{kind}.jsonl",
-            purpose="batch_output",
-        )
-
-
-def _generated_size(session: Session, job: Job, kind: str) -> int:
-    """An output or error file's bytes, written out (and counted) once, then kept with its
-    job: an ended batch's files do not change until ``inferq prune`` empties them, which
-    forgets the sizes."""
-    key = f"{kind}_bytes"
-    shared = dict(job.shared or {})
-    if key not in shared:
-        shared[key] = sum(len(chunk) for chunk in _file_lines(session, job, kind))
-        job.shared = shared
-    return int(shared[key])
-
-
-def list_files(
-    services: Services, tenant_id: uuid.UUID, *, purpose: str | None, limit: int
-) -> FileList:
-    """Uploaded files, newest first (generated files are reached through their batch)."""
-    with services.sessions() as session:
-        rows = store.list_files(session, tenant_id, purpose=purpose, limit=limit)
-        data = [_file_public(row) for row in rows]
-    return FileList(data=data, first_id=_first(data), last_id=_last(data))
-
-
-def file_content(services: Services, tenant_id: uuid.UUID, file_id: str) -> Iterator[bytes]:
-    """The file's bytes; a generated file is written as it is read, in input order."""
-    with services.sessions.begin() as session:
-        generated = _generated(session, tenant_id, file_id)
-        if generated is None:
-            size = _owned_file(session, tenant_id, file_id).size
-            return _stored_chunks(services, file_id, size)
-        _batch, job, kind = generated
-
-    def chunks() -> Iterator[bytes]:
-        with services.sessions() as session:
-            yield from _file_lines(session, job, kind)
-
-    return chunks()
-
-
-def _stored_chunks(services: Services, file_id: str, size: int) -> Iterator[bytes]:
-    """An uploaded file a slice at a time, so a download holds one slice, not the file."""
-    with services.sessions() as session:
-        yield from store.content_slices(session, file_id, size, DOWNLOAD_CHUNK_BYTES)
-
-
-def _owned_file(session: Session, tenant_id: uuid.UUID, file_id: str) -> store.StoredFile:
-    row = store.get_file(session, tenant_id, file_id)
-    if row is None:
-        raise ApiError(404, f"no file {file_id!r}", param="file_id")
-    return row
-
-
-def _generated(
-    session: Session, tenant_id: uuid.UUID, file_id: str
-) -> tuple[store.Batch, Job, str] | None:
-    """A batch's output or error file, if ``file_id`` names one that exists by now."""
-    match = GENERATED.match(file_id)
-    if match is None:
-        return None
-    batch = store.get_batch(session, tenant_id, f"batch_{match[1]}")
-    public = _public(session, batch, utcnow()) if batch is not None else None
-    if public is None or file_id not in (public.output_file_id, public.error_file_id):
-        raise ApiError(404, f"no file {file_id!r}", param="file_id")
-    assert batch is not None and batch.job_id is not None
-    job = session.get(Job, batch.job_id)
-    assert job is not None
-    return batch, job, match[2]
-
-
-def _file_lines(session: Session, job: Job, kind: str) -> Iterator[bytes]:
-    if kind == "output":
-        lines: Iterator[dict[str, Any]] = (
-            output_line(row)
-            for row in jobs.results(session, job.id)
-            if row.status is RequestStatus.SUCCEEDED
-        )
-    else:
-        lines = error_lines(job.id, jobs.errors(session, job.id), jobs.results(session, job.id))
-    for line in lines:
-        yield json.dumps(line, ensure_ascii=False).encode() + b"\n"
-
-
-def _file_public(row: store.StoredFile) -> FileObject:
-    return FileObject(
-        id=row.id,
-        bytes=row.size,
-        created_at=unix(row.created_at) or 0,
-        filename=row.filename,
-        purpose=row.purpose,
-    )
-
-
-# Batches.
-
-
 def create_batch(services: Services, tenant_id: uuid.UUID, body: BatchCreate) -> BatchObject:
     """Validate every line, then write the job, its requests, its refused lines and the batch
     in one commit. A file with no good line makes a ``failed`` batch and runs nothing."""
@@ -266,7 +87,7 @@ def create_batch(services: Services, tenant_id: uuid.UUID, body: BatchCreate) ->
         upload = store.get_file(session, tenant_id, body.input_file_id)
         if upload is None or upload.purpose != "batch":
             raise ApiError(400, f"no batch file {body.input_file_id!r}", param="input_file_id")
-        slices = store.content_slices(session, upload.id, upload.size, DOWNLOAD_CHUNK_BYTES)
+        slices = store.content_slices(session, upload.id, upload.size, store.SLICE_BYTES)
         lines = count_lines(slices, limit=settings.max_job_lines)  # read a slice at a time
         data = upload.content if lines <= settings.inline_job_lines else None
     now = utcnow()
@@ -351,7 +172,7 @@ def _create_validating(
 
 def get_batch(services: Services, tenant_id: uuid.UUID, batch_id: str) -> BatchObject:
     with services.sessions.begin() as session:
-        return _public(session, _owned_batch(session, tenant_id, batch_id), utcnow())
+        return batch_public(session, _owned_batch(session, tenant_id, batch_id), utcnow())
 
 
 def list_batches(
@@ -360,10 +181,8 @@ def list_batches(
     with services.sessions.begin() as session:
         rows = store.list_batches(session, tenant_id, after=after, limit=limit + 1)
         now = utcnow()
-        data = [_public(session, row, now) for row in rows[:limit]]
-    return BatchList(
-        data=data, first_id=_first(data), last_id=_last(data), has_more=len(rows) > limit
-    )
+        data = [batch_public(session, row, now) for row in rows[:limit]]
+    return BatchList(data=data, has_more=len(rows) > limit, **list_ends(data))
 
 
 def cancel_batch(services: Services, tenant_id: uuid.UUID, batch_id: str) -> BatchObject:
@@ -371,14 +190,14 @@ def cancel_batch(services: Services, tenant_id: uuid.UUID, batch_id: str) -> Bat
     with services.sessions.begin() as session:
         batch = _owned_batch(session, tenant_id, batch_id)
         now = utcnow()
-        current = _public(session, batch, now)
+        current = batch_public(session, batch, now)
         if current.status in ("completed", "failed", "expired"):
             raise ApiError(400, f"batch {batch_id} is {current.status}; it cannot be cancelled")
         if current.status in ("validating", "in_progress"):
             job = session.get(Job, batch.job_id)
             assert job is not None
             jobs.cancel(session, job, now)
-        return _public(session, batch, now)
+        return batch_public(session, batch, now)
 
 
 def _owned_batch(session: Session, tenant_id: uuid.UUID, batch_id: str) -> store.Batch:
@@ -388,7 +207,7 @@ def _owned_batch(session: Session, tenant_id: uuid.UUID, batch_id: str) -> store
     return batch
 
 
-def _public(session: Session, batch: store.Batch, now: datetime) -> BatchObject:
+def batch_public(session: Session, batch: store.Batch, now: datetime) -> BatchObject:
     """The batch as the API shows it, recording when each status was first seen."""
     if batch.job_id is None or batch.status == "failed":
         return _failed_public(batch)
@@ -451,24 +270,3 @@ def _common(batch: store.Batch) -> dict[str, Any]:
             )
         },
     }
-
-
-def refusals(errors: list[LineError]) -> dict[str, Any]:
-    """Why a batch failed outright, line by line (the first ``MAX_LISTED_ERRORS`` lines)."""
-    data: list[dict[str, Any]]
-    if not errors:
-        data = [{"code": "empty_file", "message": "the input file has no requests"}]
-    else:
-        data = [
-            {"code": "invalid_request", "line": e.line, "message": e.message}
-            for e in errors[:MAX_LISTED_ERRORS]
-        ]
-    return {"lines": len(errors), "data": data}
-
-
-def _first(data: list[Any]) -> str | None:
-    return data[0].id if data else None
-
-
-def _last(data: list[Any]) -> str | None:
-    return data[-1].id if data else None

@@ -31,12 +31,13 @@ from api.openai_schemas import (
     finish_reason_of,
     unix,
 )
-from api.service import Services, prepare
 from api.streaming import STREAM_WAIT_S, event, sse
 from api.waits import WaitSlots
-from inferq.enums import Priority, RequestStatus
-from storage.models import Request
+from core.enums import Priority, RequestStatus
 from storage.requests import get_for_tenant
+from storage.tables import Request
+from submission.prepare import prepare
+from submission.services import Services
 from tasks.streams import StreamReader, TokenEvent
 
 CHAT_WAIT_S = STREAM_WAIT_S

@@ -16,9 +16,9 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException  # FastAPI raises it for unreadable bodies
 
-from api.limits import TooBusy
 from api.openai_schemas import describe
-from api.service import BadRequest
+from submission.limits import TooBusy
+from submission.prepare import BadRequest
 
 
 class ApiError(Exception):

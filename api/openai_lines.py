@@ -15,11 +15,13 @@ it has one); good lines run. Error-file codes:
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 
 from api.jobs import LineError, read_jsonl
 from api.jsonl import numbered_lines
@@ -32,9 +34,11 @@ from api.line_checks import (
     value_problem,
 )
 from api.openai_schemas import ChatCompletion, ChatCompletionBody, describe
-from api.service import BadRequest, Prepared, Services
-from inferq.enums import Priority, RequestStatus
-from storage.models import JobError, Request
+from core.enums import Priority, RequestStatus
+from storage import jobs
+from storage.tables import Job, JobError, Request
+from submission.prepare import BadRequest, Prepared
+from submission.services import Services
 
 CHAT_URL = "/v1/chat/completions"
 OPENAI = "openai"  # job_sources.format of a Batch API input file
@@ -189,3 +193,33 @@ def error_lines(
     while nxt is not None:
         yield line_error_line(job_id, nxt)
         nxt = next(pending, None)
+
+
+def file_lines(session: Session, job: Job, kind: str) -> Iterator[bytes]:
+    """A batch's output (``kind`` ``output``) or error file, a line at a time, in input order."""
+    if kind == "output":
+        lines: Iterator[dict[str, Any]] = (
+            output_line(row)
+            for row in jobs.results(session, job.id)
+            if row.status is RequestStatus.SUCCEEDED
+        )
+    else:
+        lines = error_lines(job.id, jobs.errors(session, job.id), jobs.results(session, job.id))
+    for line in lines:
+        yield json.dumps(line, ensure_ascii=False).encode() + b"\n"
+
+
+MAX_LISTED_ERRORS = 1000
+
+
+def refusals(errors: list[LineError]) -> dict[str, Any]:
+    """Why a batch failed outright, line by line (the first ``MAX_LISTED_ERRORS`` lines)."""
+    data: list[dict[str, Any]]
+    if not errors:
+        data = [{"code": "empty_file", "message": "the input file has no requests"}]
+    else:
+        data = [
+            {"code": "invalid_request", "line": e.line, "message": e.message}
+            for e in errors[:MAX_LISTED_ERRORS]
+        ]
+    return {"lines": len(errors), "data": data}

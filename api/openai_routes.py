@@ -1,7 +1,8 @@
 """OpenAI-compatible handlers: ``/v1/files``, ``/v1/batches`` and ``/v1/chat/completions``.
 
-Each parses, calls one function of :mod:`api.openai_batches` or :mod:`api.openai_chat`, and
-returns its shape; errors come back in the OpenAI shape (:class:`api.openai_errors.OpenAIRoute`).
+Each parses, calls one function of :mod:`api.openai_files`, :mod:`api.openai_batches` or
+:mod:`api.openai_chat`, and returns its shape; errors come back in the OpenAI shape
+(:class:`api.openai_errors.OpenAIRoute`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
 from api import openai_batches as batches
+from api import openai_files as files
 from api.auth import Caller, services_of
 from api.openai_chat import complete, stream
 from api.openai_errors import ApiError, OpenAIRoute
@@ -46,7 +48,7 @@ async def create_file(request: Request, tenant: Caller) -> FileObject:
     if not isinstance(purpose, str):
         raise ApiError(400, "the upload needs a 'purpose' field", param="purpose")
     return await run_in_threadpool(
-        batches.upload_file,
+        files.upload_file,
         services,
         tenant.id,
         filename=upload.filename or "",
@@ -59,22 +61,22 @@ async def create_file(request: Request, tenant: Caller) -> FileObject:
 def list_files(
     request: Request, tenant: Caller, purpose: str | None = None, limit: Limit = 100
 ) -> FileList:
-    return batches.list_files(services_of(request), tenant.id, purpose=purpose, limit=limit)
+    return files.list_files(services_of(request), tenant.id, purpose=purpose, limit=limit)
 
 
 @router.get("/v1/files/{file_id}")
 def get_file(request: Request, tenant: Caller, file_id: str) -> FileObject:
-    return batches.get_file(services_of(request), tenant.id, file_id)
+    return files.get_file(services_of(request), tenant.id, file_id)
 
 
 @router.delete("/v1/files/{file_id}")
 def delete_file(request: Request, tenant: Caller, file_id: str) -> FileDeleted:
-    return batches.delete_file(services_of(request), tenant.id, file_id)
+    return files.delete_file(services_of(request), tenant.id, file_id)
 
 
 @router.get("/v1/files/{file_id}/content")
 def get_file_content(request: Request, tenant: Caller, file_id: str) -> StreamingResponse:
-    chunks = batches.file_content(services_of(request), tenant.id, file_id)
+    chunks = files.file_content(services_of(request), tenant.id, file_id)
     return StreamingResponse(chunks, media_type="application/octet-stream")
 
 

@@ -8,16 +8,16 @@ carry the fields the official client reads.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from api.schemas import CreateRequest
-from api.storable import check_storable
-from inferq.enums import Priority, TaskKind
-from storage.models import Request, as_utc
+from core.enums import Priority, TaskKind
+from storage.tables import Request, as_utc
+from submission.request import CreateRequest
+from submission.storable import check_storable
 from tasks.templates import MaxTokens, SamplingIn, Seed, Temperature, TopP, check_stop
 
 FINISH_REASONS = ("stop", "length")
@@ -369,3 +369,8 @@ class BatchList(BaseModel):
     first_id: str | None = None
     last_id: str | None = None
     has_more: bool = False
+
+
+def list_ends(data: Sequence[Any]) -> dict[str, str | None]:
+    """A list page's ``first_id`` and ``last_id``."""
+    return {"first_id": data[0].id if data else None, "last_id": data[-1].id if data else None}

@@ -12,11 +12,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api.auth import Caller, services_of
-from api.schemas import CreateRequest, ModelList, ModelPublic, RequestPublic
-from api.service import Services, prepare
+from api.schemas import ModelList, ModelPublic, RequestPublic
 from api.streaming import SSE_HEADERS, RequestFrames, sse
-from storage.models import Request as RequestRow
 from storage.requests import get_for_tenant
+from storage.tables import Request as RequestRow
+from submission.prepare import prepare
+from submission.request import CreateRequest
+from submission.services import Services
 from tasks.queues import model_queue
 
 router = APIRouter()

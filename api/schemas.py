@@ -6,13 +6,11 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict
 
-from api.storable import check_storable
-from inferq.enums import JobStatus, Priority, RequestStatus, TaskKind
+from core.enums import JobStatus, Priority, RequestStatus, TaskKind
 from storage.jobs import Progress
-from storage.models import Job, Request, as_utc
-from tasks.templates import SamplingIn
+from storage.tables import Job, Request, as_utc
 
 
 class ValidationIssue(BaseModel):
@@ -41,29 +39,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     429: {"model": Problem, "description": "Too busy; retry after ``Retry-After`` seconds."},
     503: {"model": Problem, "description": "The database is unavailable; nothing was accepted."},
 }
-
-
-class CreateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    task: TaskKind
-    input: dict[str, Any]
-    params: SamplingIn = Field(default_factory=SamplingIn)
-    model: str | None = None
-    priority: Priority = Priority.INTERACTIVE
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
-    webhook_url: str | None = Field(default=None, max_length=2000)
-    stream: bool = Field(
-        default=False,
-        description="Publish tokens as they are generated, for GET /v1/requests/{id}/stream.",
-    )
-
-    @model_validator(mode="after")
-    def _storable(self) -> CreateRequest:
-        # NaN in ``input`` is refused, naming the field, where its template reads it; the
-        # other fields are typed. NUL goes through both, so it is refused here.
-        check_storable(self.model_dump(mode="python", exclude_defaults=True), finite=False)
-        return self
 
 
 class Usage(BaseModel):

@@ -22,9 +22,9 @@ import redis
 from fastapi.concurrency import run_in_threadpool
 
 from api.schemas import RequestPublic
-from api.service import Services
-from storage.models import Request, utcnow
 from storage.requests import cancel_request, get_for_tenant
+from storage.tables import Request, utcnow
+from submission.services import Services
 from tasks.streams import START, StreamReader, TokenEvent
 
 log = logging.getLogger(__name__)

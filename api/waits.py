@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from api.limits import TooBusy
+from submission.limits import TooBusy
 
 RETRY_AFTER_S = 1
 

@@ -15,11 +15,9 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Caller, services_of
-from api.limits import TooBusy
 from api.schemas import Problem
-from api.service import BadRequest, Services
-from inferq.netguard import UnsafeURL, check_url
-from inferq.signing import secret_hint
+from core.netguard import UnsafeURL, check_url
+from core.signing import secret_hint
 from storage.webhooks import (
     DeliveryStatus,
     EndpointDisabled,
@@ -34,6 +32,9 @@ from storage.webhooks import (
     reveal_secret,
     rotate_secret,
 )
+from submission.limits import TooBusy
+from submission.prepare import BadRequest
+from submission.services import Services
 from tasks.webhooks import publish_deliveries
 
 router = APIRouter()

@@ -29,7 +29,7 @@ from bench import workload
 from bench.direct import direct_engine
 from bench.rounds import Figures, medians, paired, show
 from bench.stack import Stack, outcome, service, upload_job, wait_finished, wait_job
-from storage.models import Request
+from storage.tables import Request
 
 MAX_TOKENS = 32
 FIRST_RESULT_TIMEOUT_S = 600

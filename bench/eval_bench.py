@@ -24,10 +24,9 @@ from pathlib import Path
 import yaml
 
 from bench.stack import database, service_env, stop
-from inferq.enums import TaskKind
-from inferq.quality.pool import add_known
-from inferq.quality.runs import EvalSpec, RunOutcome, run_eval
-from inferq.quality.train import (
+from core.enums import TaskKind
+from core.settings import Settings
+from inferq.training.train import (
     DEGRADED_NAME,
     QUICK,
     SCHEMA_PATH,
@@ -36,8 +35,10 @@ from inferq.quality.train import (
     held_out_products,
     products,
 )
-from inferq.settings import Settings
-from storage.models import Tenant
+from quality.pool import add_known
+from quality.runs import RunOutcome, run_eval
+from quality.spec import EvalSpec
+from storage.tables import Tenant
 
 START_TIMEOUT_S = 300
 
@@ -83,7 +84,7 @@ def main() -> None:
 
 
 def _measure(settings: Settings, items: int, logs: Path) -> dict[str, RunOutcome]:
-    from api.app import build_services
+    from submission.services import build_services
 
     services = build_services(settings)
     workers = _start_workers(settings, logs)

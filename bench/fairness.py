@@ -33,7 +33,7 @@ from sqlalchemy import func, select
 
 from bench import workload
 from bench.stack import Stack, service, upload_job, wait_job
-from storage.models import Request, as_utc
+from storage.tables import Request, as_utc
 from storage.tenants import create_tenant
 
 EQUAL_GOAL_RATIO = 0.8

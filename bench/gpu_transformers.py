@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 def _tokenizer() -> Any:
     from transformers import AutoTokenizer
 
-    from inferq.tiny_model import ensure_tiny_model
+    from weights.tiny import ensure_tiny_model
 
     with tempfile.TemporaryDirectory() as folder:
         return AutoTokenizer.from_pretrained(str(ensure_tiny_model(Path(folder))))

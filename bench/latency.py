@@ -35,8 +35,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bench import workload
 from bench.stack import service, upload_job, wait_job
-from storage.models import LedgerEntry, Request
-from storage.reports import percentile
+from storage.ledger_stats import percentile
+from storage.tables import LedgerEntry, Request
 
 IDLE_TTFT_GOAL_S = 0.2
 LOADED_TTFT_GOAL_RATIO = 2.0

@@ -3,7 +3,7 @@
 Usage: ``python -m bench.make_products > inferq/data/products.jsonl``
 
 Each line is ``{"id": "p0001", "text": "...", "attributes": {...}}``; the generator itself is
-:mod:`inferq.quality.products`, shared with training and evaluation.
+:mod:`inferq.training.products`, shared with training and evaluation.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import random
 import sys
 
-from inferq.quality.products import make_product
+from inferq.training.products import make_product
 
 SEED = 20261127
 COUNT = 240

@@ -30,13 +30,13 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.workload import Item, jsonl
-from inferq.enums import RequestStatus
-from inferq.settings import Settings
+from core.enums import RequestStatus
+from core.settings import Settings
 from router import load_config
 from router.config import ModelSpec
 from storage.db import make_engine, make_sessionmaker
 from storage.migrate import scratch_database
-from storage.models import LedgerEntry, Request, as_utc
+from storage.tables import LedgerEntry, Request, as_utc
 from storage.tenants import create_tenant
 
 CONFIG = Path(__file__).parent / "config.yaml"

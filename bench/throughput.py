@@ -31,9 +31,10 @@ from bench import workload
 from bench.direct import DirectEngine, direct_engine
 from bench.rounds import Figures, medians, paired, show
 from bench.stack import Stack, outcome, service, submit_all, wait_finished
-from inferq.models import PromptMeter, resolve_model_path
-from storage.models import Request
-from storage.reports import percentile
+from storage.ledger_stats import percentile
+from storage.tables import Request
+from weights.paths import resolve_model_path
+from weights.tokens import PromptMeter
 
 MODES = ("fixed", "mixed")
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 from bench.stack import CONFIG, database, service_env, stop
-from inferq.settings import Settings
+from core.settings import Settings
 from storage.db import make_engine, make_sessionmaker
 from storage.tenants import create_tenant
 

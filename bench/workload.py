@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from inferq.enums import TaskKind
-from inferq.models import PromptMeter
+from core.enums import TaskKind
 from tasks.contract import EngineRequest
 from tasks.templates import SamplingIn, render
+from weights.tokens import PromptMeter
 
 # About 80 prompt tokens with the chat template on the tiny model's tokenizer (81 today).
 PROMPT = (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from inferq.settings import Settings, load_settings
+from core.settings import Settings, load_settings
 from router import ConfigError, load_config
 
 pass_settings = click.make_pass_decorator(Settings)
@@ -81,7 +81,8 @@ def api(settings: Settings, host: str, port: int, access_log: bool) -> None:
     """Serve the HTTP API. Embedded (no broker set), in-process workers serve every model."""
     import uvicorn
 
-    from api.app import build_services, create_app
+    from api.app import create_app
+    from submission.services import build_services
 
     _config(settings)
     if not settings.embedded:
@@ -104,10 +105,13 @@ def worker(
     settings: Settings, model: str, loglevel: str, metrics_port: int, metrics_host: str
 ) -> None:
     """Run a worker for one model: it consumes only that model's queue."""
+    from quality import scheduled
     from storage.db import make_engine, make_sessionmaker
     from tasks.app import create_celery
     from tasks.queues import FixedQueue
     from workers.consumer import serve
+    from workers.metrics import WorkerMetrics
+    from workers.probes import Probes
     from workers.runtime import WorkerRuntime
 
     config = _config(settings)
@@ -117,15 +121,18 @@ def worker(
         raise click.UsageError("a separate worker needs INFERQ_BROKER_URL (e.g. redis://...)")
     app = create_celery(settings, config)
     engine = make_engine(settings.database_url)
+    # Served before the engine loads: /readyz answers 503 until it has (workers.probes).
+    probes = Probes()
+    metrics = WorkerMetrics() if metrics_port else None
+    if metrics is not None:
+        metrics.serve(metrics_port, metrics_host, probes=probes)
     runtime = WorkerRuntime.create(settings, config, model, make_sessionmaker(engine), app)
-    if metrics_port:
-        from workers.metrics import WorkerMetrics
-
-        metrics = WorkerMetrics()
+    if metrics is not None:
         runtime.writer.add_commit_hook(metrics.observe)
-        metrics.serve(metrics_port, metrics_host)
-    serve(app, {model: runtime})
+    scheduled.register(app, settings)  # every worker consumes the maintenance queue
+    option = serve(app, {model: runtime})
     runtime.start()
+    probes.started(runtime.progressing)
     try:
         app.Worker(
             queues=[FixedQueue.MAINTENANCE.value],
@@ -133,6 +140,7 @@ def worker(
             concurrency=4,
             hostname=f"{model}@{socket.gethostname()}",
             loglevel=loglevel,
+            **option,
         ).start()
     finally:
         runtime.stop()
@@ -144,9 +152,9 @@ def worker(
 def reconcile(settings: Settings) -> None:
     """Re-publish lost requests and expire overdue ones, until stopped (the API runs one
     too unless INFERQ_RECONCILER=false; several share the work)."""
+    from maintenance.reconciler import Reconciler
     from storage.db import make_engine, make_sessionmaker
     from tasks.app import create_celery
-    from workers.reconciler import Reconciler
 
     config = _config(settings)
     engine = make_engine(settings.database_url)
@@ -171,7 +179,7 @@ def prune(settings: Settings, older_than: str) -> None:
     request rows and the ledger (so `inferq report`) stay as they were."""
     from datetime import UTC, datetime
 
-    from inferq.report import parse_when
+    from inferq.cli_report import parse_when
     from storage.db import make_engine, make_sessionmaker
     from storage.retention import prune as prune_old
 
@@ -204,7 +212,7 @@ def demo(settings: Settings, limit: int | None, products: Path | None) -> None:
 @pass_settings
 def build_model(settings: Settings) -> None:
     """Build the tiny offline model into the cache folder (done on first use anyway)."""
-    from inferq.tiny_model import ensure_tiny_model
+    from weights.tiny import ensure_tiny_model
 
     click.echo(ensure_tiny_model(settings.model_cache))
 
@@ -227,8 +235,8 @@ def build_model(settings: Settings) -> None:
 @pass_settings
 def train_tiny(settings: Settings, steps: int, out: Path | None, measure: int) -> None:
     """Train the tiny model to extract product attributes (a few minutes on CPU)."""
-    from inferq.quality.train import TrainConfig, train_and_measure
-    from inferq.tiny_model import ensure_tiny_model
+    from inferq.training.train import TrainConfig, train_and_measure
+    from weights.tiny import ensure_tiny_model
 
     train_and_measure(
         out or settings.model_cache,
@@ -255,7 +263,7 @@ def webhooks(settings: Settings, loglevel: str) -> None:
 def _register_client_commands() -> None:
     from inferq.cli_eval import eval_group
     from inferq.cli_jobs import jobs, results, submit
-    from inferq.report import report
+    from inferq.cli_report import report
 
     for command in (submit, jobs, results, report, eval_group):
         main.add_command(command)

@@ -1,7 +1,7 @@
 """`inferq eval`: run evaluations, compare them, mark a baseline, import gold, schedule.
 
 Commands talk to Postgres and the broker directly (service mode), as a worker does; the
-work itself lives in :mod:`inferq.quality.runs` and :mod:`inferq.quality.report`.
+work itself lives in :mod:`quality.runs` and :mod:`quality.compare`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import TaskKind
-from inferq.settings import Settings
+from core.enums import TaskKind
+from core.settings import Settings
 
 pass_settings = click.make_pass_decorator(Settings)
 SCORED = ("extract", "classify", "expand")
@@ -64,9 +64,10 @@ def run(
     timeout: float | None,
 ) -> None:
     """Replay the pool on CANDIDATE at batch priority, score it and store the run."""
-    from api.app import build_services
-    from inferq.quality.runs import EvalError, EvalSpec, run_eval
+    from quality.runs import run_eval
+    from quality.spec import EvalError, EvalSpec
     from router import ConfigError
+    from submission.services import build_services
 
     if settings.embedded:
         raise click.UsageError("eval run needs INFERQ_BROKER_URL and INFERQ_DATABASE_URL")
@@ -117,7 +118,7 @@ def report(settings: Settings, task: str | None, threshold: float | None) -> Non
 
     Exits 1 when a REGRESSION is flagged, so CI can gate on it.
     """
-    from inferq.quality.report import latest_comparisons
+    from quality.compare import latest_comparisons
 
     limit = settings.eval_threshold if threshold is None else threshold
     with _sessions(settings) as sessions, sessions() as session:
@@ -138,8 +139,9 @@ def report(settings: Settings, task: str | None, threshold: float | None) -> Non
 @pass_settings
 def baseline(settings: Settings, run_id: str) -> None:
     """Make RUN_ID its task kind's baseline (later runs are compared with it)."""
-    from inferq.quality.runs import EvalError, mark_baseline
-    from storage.eval_models import EvalRun
+    from quality.run_store import mark_baseline
+    from quality.spec import EvalError
+    from storage.eval_tables import EvalRun
 
     try:
         wanted = uuid.UUID(run_id)
@@ -161,7 +163,7 @@ def baseline(settings: Settings, run_id: str) -> None:
 @pass_settings
 def runs(settings: Settings, limit: int) -> None:
     """List recent runs, newest first."""
-    from storage.eval_models import EvalRun
+    from storage.eval_tables import EvalRun
 
     with _sessions(settings) as sessions, sessions() as session:
         rows = session.scalars(select(EvalRun).order_by(EvalRun.created_at.desc()).limit(limit))
@@ -184,7 +186,7 @@ def pool(settings: Settings, task: str, output: TextIO) -> None:
 
     The file to label for ``import-gold``: set ``output`` right and keep ``pool_id``.
     """
-    from storage.eval_models import EvalPoolItem
+    from storage.eval_tables import EvalPoolItem
 
     with _sessions(settings) as sessions, sessions() as session:
         query = select(EvalPoolItem).where(EvalPoolItem.task == TaskKind(task))
@@ -198,8 +200,8 @@ def pool(settings: Settings, task: str, output: TextIO) -> None:
 @pass_settings
 def import_gold(settings: Settings, file: Path) -> None:
     """Set gold labels from FILE: JSON lines {"pool_id": N, "output": ...}, all or nothing."""
-    from inferq.quality.gold import GoldError
-    from inferq.quality.gold import import_gold as store_gold
+    from quality.gold import GoldError
+    from quality.gold import import_gold as store_gold
 
     try:
         with _sessions(settings) as sessions, sessions.begin() as session:

@@ -11,8 +11,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from core.settings import Settings
 from inferq.client import ApiError, Client
-from inferq.settings import Settings
 
 TERMINAL = ("completed", "cancelled", "expired", "failed")
 

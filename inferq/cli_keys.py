@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import click
 from sqlalchemy.orm import Session
 
-from inferq.settings import Settings
+from core.settings import Settings
 
 pass_settings = click.make_pass_decorator(Settings)
 
@@ -73,7 +73,7 @@ def key_list(settings: Settings, tenant: str) -> None:
 
 
 def _when(moment: datetime | None) -> str:
-    from storage.models import as_utc
+    from storage.tables import as_utc
 
     return as_utc(moment).astimezone(UTC).isoformat(timespec="seconds") if moment else "-"
 

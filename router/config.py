@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from inferq.enums import TaskKind
+from core.enums import TaskKind
 from router.scorer import load_scorer, score_complexity
 
 BUILTIN_TINY = "builtin:tiny"

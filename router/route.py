@@ -11,9 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from inferq.enums import TaskKind
+from core.enums import TaskKind
 from router.config import RouterConfig
-from tasks.queues import model_queue
 
 
 class RoutingError(ValueError):
@@ -24,7 +23,6 @@ class RoutingError(ValueError):
 class Route:
     model: str
     fallbacks: tuple[str, ...]
-    queue: str
     complexity: float
     max_queue_depth: int | None = None
     # Set once the request moved down the chain: the model it was routed to, and why it left.
@@ -40,7 +38,6 @@ class Route:
         return Route(
             model,
             self.fallbacks[1:],
-            model_queue(model),
             self.complexity,
             self.max_queue_depth,
             first_model=self.first_model or self.model,
@@ -56,7 +53,7 @@ def route(
     config: RouterConfig,
     model_override: str | None = None,
 ) -> Route:
-    """Pick the model to try first, its fallback chain and the queue to publish on.
+    """Pick the model to try first and its fallback chain.
 
     Args:
         task: The request's task kind.
@@ -71,13 +68,12 @@ def route(
         if model_override not in config.models:
             known = ", ".join(sorted(config.models))
             raise RoutingError(f"unknown model {model_override!r}; configured: {known}")
-        return Route(model_override, (), model_queue(model_override), complexity)
+        return Route(model_override, (), complexity)
     for spec in config.routes:
         if spec.task in (task, "*") and complexity <= spec.max_complexity:
             return Route(
                 spec.model,
                 spec.fallbacks,
-                model_queue(spec.model),
                 complexity,
                 spec.max_queue_depth,
             )

@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from inferq.enums import TaskKind
+from core.enums import TaskKind
 
 Scorer = Callable[[TaskKind, dict[str, Any]], float]
 

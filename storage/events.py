@@ -13,9 +13,9 @@ from typing import Any
 
 from sqlalchemy import exists, select, update
 
-from inferq.enums import OPEN_STATUSES, JobStatus, Outcome
+from core.enums import OPEN_STATUSES, JobStatus, Outcome
 from storage.jobs import progress
-from storage.models import Job, Request
+from storage.tables import Job, Request
 from storage.webhooks import enqueue_delivery
 
 

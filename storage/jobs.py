@@ -10,9 +10,9 @@ from datetime import datetime
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from inferq.enums import OPEN_STATUSES, JobStatus, RequestStatus
-from storage.models import Job, JobError, Request, as_utc, utcnow
+from core.enums import OPEN_STATUSES, JobStatus, RequestStatus
 from storage.reconcile import DEADLINE_PASSED
+from storage.tables import Job, JobError, Request, as_utc, utcnow
 
 RESULT_CHUNK = 1000
 

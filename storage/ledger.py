@@ -11,9 +11,9 @@ from typing import Any
 from sqlalchemy import JSON, Text, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from inferq.enums import OPEN_STATUSES, Outcome, RequestStatus, TaskKind
-from storage.models import LedgerEntry, Request
+from core.enums import OPEN_STATUSES, Outcome, RequestStatus, TaskKind
 from storage.reconcile import DEADLINE_PASSED
+from storage.tables import LedgerEntry, Request
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import InstrumentedAttribute, Mapped, Session, mapped_column
 
-from storage.models import Base, JobSource, Tenant, utcnow
+from storage.tables import Base, JobSource, Tenant, utcnow
+
+SLICE_BYTES = 4 << 20  # how much of a stored file is read at a time
 
 
 def new_file_id() -> str:

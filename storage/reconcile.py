@@ -16,8 +16,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from inferq.enums import OPEN_STATUSES, RequestStatus
-from storage.models import Request
+from core.enums import OPEN_STATUSES, RequestStatus
+from storage.tables import Request
 
 DEADLINE_PASSED = "deadline passed before it ran"
 

@@ -9,8 +9,8 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, and_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from inferq.enums import OPEN_STATUSES, Priority, RequestStatus
-from storage.models import Request
+from core.enums import OPEN_STATUSES, Priority, RequestStatus
+from storage.tables import Request
 
 
 def find_by_idempotency_key(session: Session, tenant_id: uuid.UUID, key: str) -> Request | None:

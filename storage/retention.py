@@ -16,9 +16,9 @@ from datetime import datetime
 from sqlalchemy import Text, cast, delete, null, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import OPEN_STATUSES
-from storage.models import Job, Request
+from core.enums import OPEN_STATUSES
 from storage.openai_files import StoredFile
+from storage.tables import Job, Request
 
 PRUNE_BATCH = 5000
 EMPTY_INPUT = "{}"  # how the JSON column stores an emptied input
@@ -63,7 +63,7 @@ def prune(sessions: sessionmaker[Session], cutoff: datetime, *, batch: int = PRU
 
 
 def _forget_file_sizes(session: Session, request_ids: list[uuid.UUID]) -> None:
-    """A batch's output and error files are kept as sizes only (``api.openai_batches``);
+    """A batch's output and error files are kept as sizes only (``api.openai_files``);
     emptying its requests changes them, so they are counted again when next asked for."""
     job_ids = select(Request.job_id).where(Request.id.in_(request_ids)).distinct()
     for job in session.scalars(select(Job).where(Job.id.in_(job_ids))):

@@ -18,7 +18,7 @@ import uuid
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from storage.models import ApiKey, Tenant, utcnow
+from storage.tables import ApiKey, Tenant, utcnow
 
 KEY_PREFIX = "iq_"
 _ID_BYTES = 6  # 12 hex characters: the public identifier

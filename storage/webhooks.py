@@ -28,8 +28,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from inferq.signing import new_secret
-from storage.models import Base, _enum, as_utc, utcnow
+from core.signing import new_secret
+from storage.tables import Base, _enum, as_utc, utcnow
 
 REPLAY_WINDOW_S = 60.0
 
@@ -159,17 +159,6 @@ def reveal_secret(session: Session, endpoint: WebhookEndpoint) -> str | None:
     return endpoint.secret if result.rowcount else None  # type: ignore[attr-defined]
 
 
-def get_endpoint(
-    session: Session, tenant_id: uuid.UUID, endpoint_id: uuid.UUID
-) -> WebhookEndpoint | None:
-    """An endpoint by id, only if it is this tenant's."""
-    return session.scalar(
-        select(WebhookEndpoint).where(
-            WebhookEndpoint.id == endpoint_id, WebhookEndpoint.tenant_id == tenant_id
-        )
-    )
-
-
 def rotate_secret(
     session: Session, tenant_id: uuid.UUID, endpoint_id: uuid.UUID, *, grace_s: float
 ) -> WebhookEndpoint | None:
@@ -201,7 +190,7 @@ def enqueue_delivery(
     Args:
         session: The caller's session; nothing is committed here.
         tenant_id: Whose event it is (and whose endpoint ``url`` becomes).
-        url: The webhook URL, already checked with ``inferq.netguard`` when it was given.
+        url: The webhook URL, already checked with ``core.netguard`` when it was given.
         event_type: ``request.completed`` or ``job.completed``.
         payload: JSON-safe ``data`` of the event (the request or job as the API shows it).
 

@@ -1,39 +1,41 @@
-"""The Celery app factory: queue topology and delivery guarantees, decided here once."""
+"""The Celery app factory: queue topology and delivery guarantees, decided here once; and
+publishing requests on their models' queues.
+
+The app holds no worker objects: a process that consumes a queue registers its tasks, and
+hands the consumer step what it feeds (``workers.consumer``, ``workers.webhook_worker``,
+``quality.scheduled``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import Celery
 from kombu import Queue
 
-from inferq.enums import Priority
-from inferq.settings import Settings
+from core.enums import Priority
+from core.settings import Settings
 from router.config import RouterConfig
 from tasks.contract import RUN_TASK_NAME, RunMessage
-from tasks.eval_schedule import register as register_eval
 from tasks.queues import FixedQueue, interactive_queue, model_queue, model_queues
-from tasks.webhooks import register as register_webhooks
-
-if TYPE_CHECKING:
-    from workers.runtime import WorkerRuntime
 
 # Kombu's Redis transport serves lower numbers first.
 _PRIORITY = {Priority.INTERACTIVE: 0, Priority.BATCH: 6}
 
 
-class InferqCelery(Celery):  # type: ignore[misc]
-    """A Celery app that carries this process's worker runtimes (engine + batcher) by model."""
+class PublishError(Exception):
+    """Some models' messages could not be published; ``unsent`` holds them."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.runtimes: dict[str, WorkerRuntime] = {}
+    def __init__(self, unsent: list[RunMessage], failures: dict[str, Exception]) -> None:
+        why = "; ".join(f"{model}: {exc!r}" for model, exc in failures.items())
+        super().__init__(f"publishing {len(unsent)} requests failed ({why})")
+        self.unsent = unsent
 
 
-def create_celery(settings: Settings, config: RouterConfig) -> InferqCelery:
+def create_celery(settings: Settings, config: RouterConfig) -> Celery:
     """Build the Celery app for these settings and this models-and-routes config."""
-    app = InferqCelery("inferq", broker=settings.broker_url, set_as_current=False)
+    app = Celery("inferq", broker=settings.broker_url, set_as_current=False)
     queues = [Queue(q) for name in config.models for q in model_queues(name)]
     queues += [Queue(q.value) for q in FixedQueue]
     app.conf.update(
@@ -68,38 +70,57 @@ def create_celery(settings: Settings, config: RouterConfig) -> InferqCelery:
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
     )
-    register_webhooks(app)
-    register_eval(app, settings)
     return app
 
 
-def publish(app: Celery, messages: list[RunMessage], *, queue: str, bundle_size: int) -> None:
-    """Publish committed requests on a model's queue (interactive ones on its interactive
-    twin): one broker message per bundle of up to ``bundle_size`` requests of one priority, so
-    a burst costs the broker (and the worker's consumer) a message per bundle rather than per
-    request."""
-    by_priority: dict[Priority, list[RunMessage]] = {}
+def publish_runs(app: Celery, config: RouterConfig, messages: Sequence[RunMessage]) -> None:
+    """Publish committed requests, each on its model's queue (interactive ones on its
+    interactive twin): one broker message per bundle of up to the model's ``max_batch_size``
+    requests of one priority, so a burst costs the broker (and the worker's consumer) a
+    message per bundle rather than per request.
+
+    Raises:
+        PublishError: some models' bundles could not be sent (every model is tried); the
+            caller leaves their requests to the reconciler.
+    """
+    groups: dict[tuple[str, Priority], list[RunMessage]] = {}
     for message in messages:
-        by_priority.setdefault(message.priority, []).append(message)
-    with app.producer_or_acquire() as producer:
-        for priority, group in by_priority.items():
-            for start in range(0, len(group), bundle_size):
-                bundle = [m.to_wire() for m in group[start : start + bundle_size]]
-                app.send_task(
-                    RUN_TASK_NAME,
-                    args=[bundle],
-                    argsrepr=f"[<{len(bundle)} requests>]",  # not a repr of every request
-                    queue=interactive_queue(queue) if priority is Priority.INTERACTIVE else queue,
-                    priority=_PRIORITY[priority],
-                    producer=producer,
-                )
+        groups.setdefault((message.model, message.priority), []).append(message)
+    unsent: list[RunMessage] = []
+    failures: dict[str, Exception] = {}
+    try:
+        with app.producer_or_acquire() as producer:
+            for (model, priority), group in groups.items():
+                if model not in failures:
+                    try:
+                        size = config.models[model].max_batch_size
+                        _send(app, producer, model_queue(model), priority, group, size)
+                        continue
+                    except Exception as exc:
+                        failures[model] = exc
+                unsent += group
+    except Exception as exc:  # no producer to publish with at all
+        failures["broker"], unsent = exc, list(messages)
+    if failures:
+        raise PublishError(unsent, failures)
 
 
-def publish_by_model(app: Celery, config: RouterConfig, messages: Sequence[RunMessage]) -> None:
-    """Publish requests of any models, each on its model's queue, bundled per model."""
-    by_model: dict[str, list[RunMessage]] = {}
-    for message in messages:
-        by_model.setdefault(message.model, []).append(message)
-    for model, group in by_model.items():
-        bundle_size = config.models[model].max_batch_size
-        publish(app, group, queue=model_queue(model), bundle_size=bundle_size)
+def _send(
+    app: Celery,
+    producer: Any,
+    queue: str,
+    priority: Priority,
+    group: list[RunMessage],
+    size: int,
+) -> None:
+    """One priority's requests of one model, ``size`` to a broker message."""
+    for start in range(0, len(group), size):
+        bundle = [m.to_wire() for m in group[start : start + size]]
+        app.send_task(
+            RUN_TASK_NAME,
+            args=[bundle],
+            argsrepr=f"[<{len(bundle)} requests>]",  # not a repr of every request
+            queue=interactive_queue(queue) if priority is Priority.INTERACTIVE else queue,
+            priority=_PRIORITY[priority],
+            producer=producer,
+        )

@@ -19,8 +19,8 @@ from typing import Protocol
 
 import redis
 
-from inferq.enums import Outcome
-from inferq.settings import Settings
+from core.enums import Outcome
+from core.settings import Settings
 from storage.ledger import Attempt
 from tasks.contract import EngineRequest
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from inferq.enums import Priority, TaskKind
+from core.enums import Priority, TaskKind
 
 RUN_TASK_NAME = "inferq.run"
 
@@ -50,7 +50,6 @@ class RunMessage(BaseModel):
     priority: Priority
     engine_request: EngineRequest
     enqueued_at: float = Field(description="Unix time the request was committed.")
-    deadline: float | None = None
     job_id: str | None = None
     webhook_url: str | None = None
     # The rest of the route's chain: where the request goes if this model fails or times out.

@@ -1,24 +1,18 @@
 """The scheduled evaluation: a Celery beat entry and the task it sends to the maintenance queue.
 
 ``inferq eval beat`` runs the schedule (cron ``INFERQ_EVAL_CRON``, Mondays 03:00 by default);
-any ``inferq worker`` runs the task, since every worker consumes the maintenance queue. The
-task is acknowledged on receipt, not late: a run takes longer than the broker's visibility
-timeout may allow, and a redelivered message would start a second run. A run lost with its
-worker is simply taken again at the next date.
+any ``inferq worker`` runs the task, since every worker consumes the maintenance queue and
+registers it (``quality.scheduled``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery.schedules import crontab
 
+from core.settings import Settings
 from tasks.queues import FixedQueue
-
-if TYPE_CHECKING:
-    from celery import Celery
-
-    from inferq.settings import Settings
 
 EVAL_TASK = "inferq.eval.scheduled"
 ENTRY = "inferq-eval"
@@ -54,18 +48,3 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"queue": FixedQueue.MAINTENANCE.value},
         }
     }
-
-
-def register(app: Celery, settings: Settings) -> None:
-    """Register the scheduled task on ``app`` (called by ``tasks.app.create_celery``)."""
-
-    @app.task(  # type: ignore[untyped-decorator]
-        name=EVAL_TASK,
-        queue=FixedQueue.MAINTENANCE.value,
-        acks_late=False,
-        ignore_result=True,
-    )
-    def scheduled_eval() -> None:
-        from inferq.quality.runs import run_scheduled
-
-        run_scheduled(settings)

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ import redis
 import redis.asyncio
 from redis.typing import EncodableT, FieldT
 
-from inferq.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -99,24 +99,6 @@ def create_reader(settings: Settings) -> StreamReader:
         settings.broker_url, socket_connect_timeout=REDIS_TIMEOUT_S
     )
     return RedisReader(client, settings.broker_key_prefix)
-
-
-async def read_events(
-    reader: StreamReader, request_id: str, *, block_s: float = 1.0
-) -> AsyncIterator[list[TokenEvent]]:
-    """A request's events from the first, a batch at a time, ending after the ``done`` event.
-
-    A quiet ``block_s`` yields an empty batch, so the caller can look elsewhere meanwhile (the
-    database, in case the done event was lost) and stop when it likes.
-    """
-    cursor = START
-    while True:
-        events, cursor = await reader.read(request_id, cursor, block_s=block_s)
-        for end, event in enumerate(events, start=1):
-            if event.done:
-                yield events[:end]
-                return
-        yield events
 
 
 class RedisPublisher:

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from inferq.enums import TaskKind
+from core.enums import TaskKind
 from tasks.contract import ChatMessage, EngineRequest
 from tasks.schema_guard import (
     SchemaLimits,
@@ -35,7 +35,7 @@ from tasks.schema_guard import (
 # What the engine can take, checked before anything is written: vLLM and torch hold the seed
 # in a signed 64-bit integer (a larger one wedges the engine: "Overflow when unpacking long
 # long"), and NaN or infinite sampling values are not numbers it can sample with. The upper
-# bound on max_tokens depends on the model and settings (api.service checks it).
+# bound on max_tokens depends on the model and settings (submission.submit checks it).
 SEED_MAX = 2**63 - 1
 MAX_STOP = 4
 MAX_STOP_CHARS = 200

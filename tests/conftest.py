@@ -16,21 +16,28 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
 import pytest
 import redis
-from sqlalchemy import Engine
+from celery import Celery
+from sqlalchemy import Engine as DbEngine
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Priority, RequestStatus, TaskKind
-from inferq.settings import Settings
+from core.enums import Priority, RequestStatus, TaskKind
+from core.settings import Settings
+from router.config import RouterConfig
 from storage.db import make_engine, make_sessionmaker
 from storage.migrate import scratch_database
-from storage.models import Request
+from storage.tables import Request
 from storage.tenants import create_tenant
-from tasks.contract import EngineRequest, RunMessage
+from tasks.app import publish_runs
+from tasks.contract import RunMessage
+from tasks.rows import run_message
+from workers.engines import Engine
+from workers.runtime import WorkerRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = Path(__file__).parent / "config.yaml"
@@ -93,31 +100,50 @@ def settings(database_url: str, broker_url: str) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def db_engine(settings: Settings) -> Iterator[Engine]:
+def db_engine(settings: Settings) -> Iterator[DbEngine]:
     engine = make_engine(settings.database_url)
     yield engine
     engine.dispose()
 
 
 @pytest.fixture(scope="session")
-def sessions(db_engine: Engine) -> sessionmaker[Session]:
+def sessions(db_engine: DbEngine) -> sessionmaker[Session]:
     return make_sessionmaker(db_engine)
+
+
+@dataclass(frozen=True, slots=True)
+class NewTenant:
+    id: uuid.UUID
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def new_tenant(sessions: sessionmaker[Session], prefix: str = "tenant") -> NewTenant:
+    """A fresh tenant and its API key, in the database ``sessions`` opens."""
+    with sessions.begin() as session:
+        row, key = create_tenant(session, f"{prefix}-{uuid.uuid4().hex[:8]}")
+        return NewTenant(row.id, key)
+
+
+@pytest.fixture
+def tenant(sessions: sessionmaker[Session]) -> NewTenant:
+    """A fresh tenant per test, with its key: tests never see each other's requests."""
+    return new_tenant(sessions)
 
 
 @pytest.fixture
 def api_key(sessions: sessionmaker[Session]) -> str:
-    """A fresh tenant per test: tests never see each other's requests."""
-    with sessions.begin() as session:
-        _tenant, key = create_tenant(session, f"tenant-{uuid.uuid4().hex[:8]}")
-    return key
+    """A fresh tenant's key, for tests that only call the API."""
+    return new_tenant(sessions).key
 
 
 @pytest.fixture
 def tenant_id(sessions: sessionmaker[Session]) -> uuid.UUID:
-    """A fresh tenant for tests that write rows themselves."""
-    with sessions.begin() as session:
-        tenant, _key = create_tenant(session, f"tenant-{uuid.uuid4().hex[:8]}")
-        return tenant.id
+    """A fresh tenant's id, for tests that write rows themselves."""
+    return new_tenant(sessions).id
 
 
 def service_env(settings: Settings) -> dict[str, str]:
@@ -179,7 +205,7 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def workers(settings: Settings, log_dir: Path) -> Iterator[dict[str, Process]]:
     """`inferq worker` processes for the real tiny model and the scripted one."""
-    from inferq.tiny_model import ensure_tiny_model
+    from weights.tiny import ensure_tiny_model
 
     ensure_tiny_model(settings.model_cache)  # built once, before two processes want it
     running = start_workers(service_env(settings), log_dir, ["tiny", "scripted"], tag="session")
@@ -246,20 +272,6 @@ def client(api_url: str, api_key: str) -> Iterator[httpx.Client]:
         yield http
 
 
-def message_for(row: Request, *, max_tokens: int = 8) -> RunMessage:
-    """The message the API would publish for a committed ``complete`` request row."""
-    return RunMessage(
-        request_id=str(row.id),
-        tenant_id=str(row.tenant_id),
-        model=row.model,
-        task=TaskKind.COMPLETE,
-        priority=Priority.BATCH,
-        engine_request=EngineRequest(prompt=row.input["prompt"], max_tokens=max_tokens),
-        enqueued_at=time.time(),
-        fallbacks=row.fallbacks,
-    )
-
-
 def queued_runs(
     sessions: sessionmaker[Session],
     tenant_id: uuid.UUID,
@@ -270,33 +282,72 @@ def queued_runs(
     ignore_eos: bool = False,
     priority: Priority = Priority.BATCH,
     deadline: datetime | None = None,
+    **columns: Any,
 ) -> list[RunMessage]:
-    """Committed ``complete`` requests on ``model`` and the messages the API would publish."""
-    messages = []
+    """Committed ``complete`` requests on ``model`` and the messages published for them
+    (``tasks.rows.run_message``, the mapping the API and the reconciler use)."""
+    params = {"max_tokens": max_tokens, **({"ignore_eos": True} if ignore_eos else {})}
     with sessions.begin() as session:
-        for prompt in prompts:
-            row = Request(
+        rows = [
+            Request(
                 tenant_id=tenant_id,
                 task=TaskKind.COMPLETE,
                 status=RequestStatus.QUEUED,
                 priority=priority,
                 model=model,
                 input={"prompt": prompt},
-                params={},
+                params=params,
                 deadline_at=deadline,
+                **columns,
             )
-            session.add(row)
-            session.flush()
-            request = EngineRequest(prompt=prompt, max_tokens=max_tokens, ignore_eos=ignore_eos)
-            messages.append(
-                RunMessage(
-                    request_id=str(row.id),
-                    tenant_id=str(tenant_id),
-                    model=model,
-                    task=TaskKind.COMPLETE,
-                    priority=priority,
-                    engine_request=request,
-                    enqueued_at=time.time(),
-                )
-            )
-    return messages
+            for prompt in prompts
+        ]
+        session.add_all(rows)
+        session.flush()
+        return [run_message(row) for row in rows]
+
+
+def publish_bundled(
+    celery: Celery, config: RouterConfig, messages: list[RunMessage], *, bundle: int
+) -> None:
+    """Publish as the API does (``tasks.app.publish_runs``), ``bundle`` requests a broker
+    message whatever the config's ``max_batch_size``."""
+    models = {
+        name: spec.model_copy(update={"max_batch_size": bundle})
+        for name, spec in config.models.items()
+    }
+    publish_runs(celery, config.model_copy(update={"models": models}), messages)
+
+
+@pytest.fixture
+def make_runtime(sessions: sessionmaker[Session]) -> Iterator[Callable[..., WorkerRuntime]]:
+    """Start in-process worker runtimes on the session's database, stopped after the test:
+    ``make_runtime(engine, config=..., model=..., **WorkerRuntime options)``. Webhook
+    deliveries are dropped unless ``publish_deliveries`` is given."""
+    started: list[WorkerRuntime] = []
+
+    def make(
+        engine: Engine,
+        *,
+        config: RouterConfig,
+        model: str,
+        worker_name: str = "test-worker",
+        publish_deliveries: Callable[[list[uuid.UUID]], None] = lambda ids: None,
+        **options: Any,
+    ) -> WorkerRuntime:
+        runtime = WorkerRuntime(
+            engine,
+            model=model,
+            config=config,
+            sessions=sessions,
+            worker_name=worker_name,
+            publish_deliveries=publish_deliveries,
+            **options,
+        )
+        runtime.start()
+        started.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in reversed(started):
+        runtime.stop()

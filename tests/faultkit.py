@@ -25,9 +25,9 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import OPEN_STATUSES, Outcome, RequestStatus
-from inferq.settings import Settings
-from storage.models import LedgerEntry, Request
+from core.enums import OPEN_STATUSES, Outcome, RequestStatus
+from core.settings import Settings
+from storage.tables import LedgerEntry, Request
 from tests.conftest import (
     MODELS_DIR,
     ROOT,

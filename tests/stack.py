@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from inferq.settings import Settings
+from core.settings import Settings
 from tests.conftest import Process, service_env
 from tests.conftest import start_api as start_env_api
 from tests.conftest import start_workers as start_env_workers

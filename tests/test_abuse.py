@@ -20,9 +20,9 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.settings import Settings
+from core.settings import Settings
 from router import load_config
-from storage.models import ApiKey
+from storage.tables import ApiKey
 from storage.tenants import hash_key
 from tasks.app import create_celery
 from tasks.contract import RUN_TASK_NAME

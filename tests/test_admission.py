@@ -13,19 +13,17 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.admission import Admitter
-from api.app import build_services
 from api.jobs import JobSpec, create_job
 from api.openai_batches import create_batch, get_batch
 from api.openai_schemas import BatchCreate
-from api.service import Services
-from inferq.enums import JobStatus, RequestStatus, TaskKind
-from inferq.settings import Settings
+from core.enums import JobStatus, RequestStatus, TaskKind
+from core.settings import Settings
 from storage import jobs as job_store
 from storage.migrate import scratch_database
-from storage.models import Job, JobError, JobSource, Request
 from storage.openai_files import Batch, StoredFile, new_file_id
-from storage.tenants import create_tenant
-from tests.conftest import PG_URL
+from storage.tables import Job, JobError, JobSource, Request
+from submission.services import Services, build_services
+from tests.conftest import PG_URL, new_tenant
 from tests.test_jobs import finished, ndjson, upload
 
 SCHEMA = {
@@ -59,9 +57,7 @@ def services(settings: Settings) -> Iterator[Services]:
 @pytest.fixture
 def tenant_id(services: Services) -> uuid.UUID:
     """A fresh tenant in the database of ``services``."""
-    with services.sessions.begin() as session:
-        tenant, _key = create_tenant(session, f"tenant-{uuid.uuid4().hex[:8]}")
-        return tenant.id
+    return new_tenant(services.sessions).id
 
 
 def jsonl(items: list[object]) -> bytes:

@@ -19,11 +19,10 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import JobStatus, TaskKind
-from inferq.settings import Settings
-from storage.models import Job, JobSource
-from storage.tenants import create_tenant
-from tests.conftest import service_env, start_api, stop, wait_for
+from core.enums import JobStatus, TaskKind
+from core.settings import Settings
+from storage.tables import Job, JobSource
+from tests.conftest import new_tenant, service_env, start_api, stop, wait_for
 from tests.test_jobs import ndjson, upload
 
 INLINE = 40  # uploads up to this many lines are checked before the answer
@@ -91,14 +90,8 @@ def admission_url(settings: Settings, log_dir: Path) -> Iterator[str]:
     stop(process)
 
 
-def new_tenant(sessions: sessionmaker[Session]) -> tuple[uuid.UUID, str]:
-    with sessions.begin() as session:
-        tenant, key = create_tenant(session, f"admit-{uuid.uuid4().hex[:8]}")
-        return tenant.id, key
-
-
 def tenant_client(url: str, sessions: sessionmaker[Session]) -> httpx.Client:
-    _tenant, key = new_tenant(sessions)
+    key = new_tenant(sessions, "admit").key
     return client_for(url, key)
 
 
@@ -212,7 +205,8 @@ def own(
     admission_url: str, sessions: sessionmaker[Session]
 ) -> Iterator[tuple[uuid.UUID, httpx.Client]]:
     """A fresh tenant's id and client, for tests that write its rows themselves."""
-    tenant_id, key = new_tenant(sessions)
+    tenant = new_tenant(sessions, "admit")
+    tenant_id, key = tenant.id, tenant.key
     with client_for(admission_url, key) as client:
         yield tenant_id, client
 

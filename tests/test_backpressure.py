@@ -13,14 +13,14 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.admission import Admitter
-from api.app import build_services, create_app
+from api.app import create_app
 from api.jobs import JobSpec, create_job
-from inferq.enums import JobStatus, Priority, RequestStatus, TaskKind
-from inferq.settings import Settings
-from storage.models import Job, Request
-from storage.tenants import create_tenant
+from core.enums import JobStatus, Priority, RequestStatus, TaskKind
+from core.settings import Settings
+from storage.tables import Job, Request
+from submission.services import build_services
 from tasks.templates import SamplingIn
-from tests.conftest import Process, wait_for
+from tests.conftest import NewTenant, Process, new_tenant, wait_for
 
 
 def queued_on(sessions: sessionmaker[Session], model: str, priority: Priority | None = None) -> int:
@@ -37,13 +37,6 @@ def queued_on(sessions: sessionmaker[Session], model: str, priority: Priority | 
 def tenant_rows(sessions: sessionmaker[Session], tenant_id: uuid.UUID) -> int:
     with sessions() as session:
         return int(session.scalar(select(func.count()).where(Request.tenant_id == tenant_id)) or 0)
-
-
-@pytest.fixture
-def tenant(sessions: sessionmaker[Session]) -> tuple[uuid.UUID, dict[str, str]]:
-    with sessions.begin() as session:
-        row, key = create_tenant(session, f"busy-{uuid.uuid4().hex[:8]}")
-        return row.id, {"Authorization": f"Bearer {key}"}
 
 
 def api(settings: Settings, **limits: int) -> Iterator[TestClient]:
@@ -64,9 +57,9 @@ def assert_refused(response: object, reason: str) -> None:
 
 
 def test_a_full_model_queue_refuses_more(
-    settings: Settings, sessions: sessionmaker[Session], tenant: tuple[uuid.UUID, dict[str, str]]
+    settings: Settings, sessions: sessionmaker[Session], tenant: NewTenant
 ) -> None:
-    tenant_id, headers = tenant
+    tenant_id, headers = tenant.id, tenant.headers
     # An interactive request waits only behind interactive ones: other tests' bulk work on
     # "parked" does not count toward its limit.
     limit = queued_on(sessions, "parked", Priority.INTERACTIVE) + 3
@@ -78,9 +71,9 @@ def test_a_full_model_queue_refuses_more(
 
 
 def test_a_tenant_with_too_much_in_flight_is_refused(
-    settings: Settings, sessions: sessionmaker[Session], tenant: tuple[uuid.UUID, dict[str, str]]
+    settings: Settings, sessions: sessionmaker[Session], tenant: NewTenant
 ) -> None:
-    tenant_id, headers = tenant
+    tenant_id, headers = tenant.id, tenant.headers
     for client in api(settings, max_inflight_per_tenant=2):
         for _ in range(2):
             assert client.post("/v1/requests", headers=headers, json=parked()).status_code == 202
@@ -92,9 +85,9 @@ def test_a_tenant_with_too_much_in_flight_is_refused(
 
 
 def test_a_tenant_over_its_tokens_per_minute_is_refused(
-    settings: Settings, sessions: sessionmaker[Session], tenant: tuple[uuid.UUID, dict[str, str]]
+    settings: Settings, sessions: sessionmaker[Session], tenant: NewTenant
 ) -> None:
-    tenant_id, headers = tenant
+    tenant_id, headers = tenant.id, tenant.headers
 
     def brief(prompt: str) -> dict[str, object]:  # prompt + 4 output tokens reserved
         return {**parked(prompt, "scripted"), "params": {"max_tokens": 4}}
@@ -128,12 +121,9 @@ def interactive_on(sessions: sessionmaker[Session], model: str) -> int:
 
 
 def test_another_tenants_bulk_work_does_not_refuse_interactive_requests(
-    settings: Settings, sessions: sessionmaker[Session], tenant: tuple[uuid.UUID, dict[str, str]]
+    settings: Settings, sessions: sessionmaker[Session], tenant: NewTenant
 ) -> None:
-    _bulk_tenant, bulk = tenant
-    with sessions.begin() as session:
-        _row, key = create_tenant(session, f"busy-{uuid.uuid4().hex[:8]}")
-    headers = {"Authorization": f"Bearer {key}"}
+    bulk, headers = tenant.headers, new_tenant(sessions).headers
     for client in api(settings):
         job = client.post("/v1/jobs", headers=bulk, json=parked_job(20))
         assert job.status_code == 202, job.text
@@ -149,9 +139,9 @@ def test_another_tenants_bulk_work_does_not_refuse_interactive_requests(
 
 
 def test_a_batch_over_the_tenants_limits_is_refused(
-    settings: Settings, sessions: sessionmaker[Session], tenant: tuple[uuid.UUID, dict[str, str]]
+    settings: Settings, sessions: sessionmaker[Session], tenant: NewTenant
 ) -> None:
-    tenant_id, headers = tenant
+    tenant_id, headers = tenant.id, tenant.headers
     request = {"method": "POST", "url": "/v1/chat/completions"}
     body = {"model": "parked", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
     lines = [json.dumps({**request, "custom_id": f"c{i}", "body": body}) for i in range(3)]
@@ -211,11 +201,11 @@ def test_background_admission_waits_for_the_tenants_room(
 
 
 def test_output_tokens_count_toward_the_tenants_budget(
-    settings: Settings, sessions: sessionmaker[Session], tenant: tuple[uuid.UUID, dict[str, str]]
+    settings: Settings, sessions: sessionmaker[Session], tenant: NewTenant
 ) -> None:
     """A short prompt asking for many tokens is charged the most it may generate:
     ``max_tokens`` x ``n``, not its prompt alone."""
-    tenant_id, headers = tenant
+    tenant_id, headers = tenant.id, tenant.headers
 
     def expand(n: int, max_tokens: int) -> dict[str, object]:
         return {
@@ -256,9 +246,7 @@ def settles_in_one_minute(settings: Settings, sessions: sessionmaker[Session]) -
         "input": {"prompt": "hello there"},
         "params": {"max_tokens": 150},
     }
-    with sessions.begin() as session:
-        _row, key = create_tenant(session, f"budget-{uuid.uuid4().hex[:8]}")
-    headers = {"Authorization": f"Bearer {key}"}
+    headers = new_tenant(sessions, "budget").headers
     app = create_app(
         settings.model_copy(update={"reconciler": False, "tenant_tokens_per_minute": 200})
     )

@@ -15,8 +15,8 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.settings import Settings
-from storage.models import Request
+from core.settings import Settings
+from storage.tables import Request
 from storage.tenants import hash_key
 
 SCHEMA = {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}
@@ -79,7 +79,7 @@ def queued_on(settings: Settings, model: str) -> int:
 
 
 def rows_for_key(sessions: sessionmaker[Session], key: str) -> int:
-    from storage.models import ApiKey
+    from storage.tables import ApiKey
 
     with sessions() as session:
         tenant_id = session.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key)))

@@ -151,6 +151,51 @@ def test_worker_serves_a_model_of_the_mounted_config(name: str) -> None:
     assert name == f"worker-{model}", "name workers worker-<model>"
 
 
+# After SIGTERM a worker lets what is in its engine finish: up to its model's timeout_s. Then
+# it commits, acknowledges and closes the engine; stopping the engine thread is bounded at 30 s.
+COMMIT_AND_CLOSE_S = 30
+
+
+def drain_seconds(model: str, config_path: Path) -> float:
+    """How long a worker for ``model`` may need between SIGTERM and its exit."""
+    timeout_s = load_config(config_path).models[model].timeout_s
+    assert timeout_s is not None, f"{model}: no timeout_s, so no bound on a worker's drain"
+    return timeout_s + COMMIT_AND_CLOSE_S
+
+
+def compose_duration_s(value: str) -> float:
+    """Compose's durations: 150s, 2m30s, 1h, 1.5s, 500ms."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"not a duration: {value!r}"
+    scale = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def webhook_services() -> list[str]:
+    return [name for name in inferq_services() if command_of(SERVICES[name])[1:2] == ["webhooks"]]
+
+
+@pytest.mark.parametrize("name", worker_services())
+def test_worker_stop_grace_period_is_its_drain_time(name: str) -> None:
+    """Compose's default is 10 s: it would kill a worker mid-drain and its work would wait
+    for a lease to run out before another worker runs it."""
+    service = SERVICES[name]
+    model = parse_inferq(command_of(service)).params["model"]
+    assert "stop_grace_period" in service, f"{name}: set stop_grace_period"
+    grace = compose_duration_s(str(service["stop_grace_period"]))
+    assert grace == drain_seconds(model, mounted_config_path(service))
+    assert service.get("stop_signal", "SIGTERM") == "SIGTERM"
+
+
+def test_webhook_sender_outlasts_an_attempt() -> None:
+    from core.settings import Settings
+
+    assert webhook_services(), "nothing runs `inferq webhooks`: callbacks are never sent"
+    for name in webhook_services():
+        grace = compose_duration_s(str(SERVICES[name].get("stop_grace_period", "10s")))
+        assert grace > Settings.model_fields["webhook_deadline_s"].default, name
+
+
 def test_every_configured_model_has_a_worker() -> None:
     config = load_config(mounted_config_path(SERVICES["api"]))
     served = {parse_inferq(command_of(SERVICES[n])).params["model"] for n in worker_services()}
@@ -232,7 +277,7 @@ def test_depends_on_conditions_can_be_met(name: str, dep: str, condition: str) -
 def test_start_order() -> None:
     deps = {(name, dep): cond for name, dep, cond in _dependencies()}
     assert deps[("migrate", "postgres")] == "service_healthy"
-    for name in ["api", *worker_services()]:
+    for name in ["api", *worker_services(), *webhook_services()]:
         assert deps[(name, "migrate")] == "service_completed_successfully"
         assert deps[(name, "redis")] == "service_healthy"
 

@@ -3,9 +3,8 @@ deliveries, worn-out requests, overdue work and unreachable services, on real pa
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,18 +13,18 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from inferq.enums import Outcome, Priority, RequestStatus, TaskKind
-from inferq.settings import Settings
+from core.enums import Outcome, Priority, RequestStatus, TaskKind
+from core.settings import Settings
+from maintenance.reconciler import Reconciler
 from router import load_config
-from storage.models import Job, LedgerEntry, Request
-from storage.tenants import create_tenant
+from storage.tables import Job, LedgerEntry, Request
 from tasks.app import create_celery
-from tasks.contract import EngineRequest, RunMessage
-from tests.conftest import wait_for
+from tasks.contract import RunMessage
+from tasks.rows import run_message
+from tests.conftest import new_tenant, wait_for
 from tests.test_worker_pipeline import CONFIG
 from workers.engines.scripted import Rule, ScriptedEngine
 from workers.leases import Leases
-from workers.reconciler import Reconciler
 from workers.runtime import WorkerRuntime
 
 LONG_AGO = datetime.now(UTC) - timedelta(hours=1)
@@ -145,39 +144,32 @@ def test_overdue_queued_requests_expire_and_their_job_closes(
 
 
 @pytest.fixture
-def runtime(sessions: sessionmaker[Session]) -> Iterator[WorkerRuntime]:
+def runtime(
+    make_runtime: Callable[..., WorkerRuntime], sessions: sessionmaker[Session]
+) -> WorkerRuntime:
     """An in-process worker whose batches take a second, with a short lease renewed meanwhile."""
-    runtime = WorkerRuntime(
+    return make_runtime(
         ScriptedEngine(rules=[Rule(match="SLOW", delay_s=1.5)]),
-        model="s",
         config=CONFIG,
-        sessions=sessions,
+        model="s",
         worker_name="durable",
-        publish_deliveries=lambda ids: None,
         leases=Leases(sessions, running_lease=timedelta(seconds=0.6), max_deliveries=3),
     )
-    runtime.start()
-    yield runtime
-    runtime.stop()
 
 
-def message(tenant_id: uuid.UUID, request_id: uuid.UUID, prompt: str) -> RunMessage:
-    return RunMessage(
-        request_id=str(request_id),
-        tenant_id=str(tenant_id),
-        model="s",
-        task=TaskKind.COMPLETE,
-        priority=Priority.BATCH,
-        engine_request=EngineRequest(prompt=prompt, max_tokens=4),
-        enqueued_at=time.time(),
-    )
+def message(sessions: sessionmaker[Session], request_id: uuid.UUID) -> RunMessage:
+    """The message published for a stored request."""
+    with sessions() as session:
+        stored = session.get(Request, request_id)
+        assert stored is not None
+        return run_message(stored)
 
 
 def test_same_message_twice_while_running_runs_once(
     runtime: WorkerRuntime, sessions: sessionmaker[Session], tenant_id: uuid.UUID
 ) -> None:
     [request_id] = add(sessions, row(tenant_id, "SLOW", model="s"))
-    sent = message(tenant_id, request_id, "SLOW")
+    sent = message(sessions, request_id)
     first = runtime.submit(sent)
     wait_for(
         lambda: status_of(sessions, request_id).status is RequestStatus.RUNNING,
@@ -214,7 +206,7 @@ def test_request_delivered_too_often_fails_with_the_reason(
             deliveries=3,
         ),
     )
-    outcome = runtime.submit(message(tenant_id, request_id, "kills every worker"))
+    outcome = runtime.submit(message(sessions, request_id))
     assert outcome.result(timeout=60) is Outcome.CANCELLED  # settled unrun
     worn = status_of(sessions, request_id)
     assert worn.status is RequestStatus.FAILED
@@ -228,8 +220,8 @@ def test_api_accepts_while_redis_is_down_and_the_reconciler_sends_later(
     reconciler: Reconciler,
     sessions: sessionmaker[Session],
 ) -> None:
-    with sessions.begin() as session:
-        tenant, key = create_tenant(session, f"no-redis-{uuid.uuid4().hex[:8]}")
+    tenant = new_tenant(sessions, "no-redis")
+    key = tenant.key
     cut_off = settings.model_copy(
         update={"broker_url": f"redis://127.0.0.1:{DEAD_PORT}/0", "reconciler": False}
     )
@@ -280,7 +272,9 @@ RETRYING = CONFIG.model_copy(
 
 
 def test_failed_attempts_are_retried_with_backoff_up_to_max_attempts(
-    sessions: sessionmaker[Session], tenant_id: uuid.UUID
+    make_runtime: Callable[..., WorkerRuntime],
+    sessions: sessionmaker[Session],
+    tenant_id: uuid.UUID,
 ) -> None:
     engine = ScriptedEngine(
         rules=[Rule(match="FLAKY", fail="transient", times=2), Rule(match="BROKEN", fail="bad")]
@@ -292,26 +286,16 @@ def test_failed_attempts_are_retried_with_backoff_up_to_max_attempts(
         for sent in messages:
             runtime.submit(sent)
 
-    runtime = WorkerRuntime(
-        engine,
-        model="s",
-        config=RETRYING,
-        sessions=sessions,
-        worker_name="retrying",
-        publish_deliveries=lambda ids: None,
-        publish_runs=publish_runs,
+    runtime = make_runtime(
+        engine, config=RETRYING, model="s", worker_name="retrying", publish_runs=publish_runs
     )
-    runtime.start()
-    try:
-        flaky, broken = add(
-            sessions, row(tenant_id, "FLAKY", model="s"), row(tenant_id, "BROKEN", model="s")
-        )
-        runtime.submit(message(tenant_id, flaky, "FLAKY"))  # alone: each try is one match
-        recovered = finished(sessions, flaky)
-        runtime.submit(message(tenant_id, broken, "BROKEN"))
-        gave_up = finished(sessions, broken)
-    finally:
-        runtime.stop()
+    flaky, broken = add(
+        sessions, row(tenant_id, "FLAKY", model="s"), row(tenant_id, "BROKEN", model="s")
+    )
+    runtime.submit(message(sessions, flaky))  # alone: each try is one match
+    recovered = finished(sessions, flaky)
+    runtime.submit(message(sessions, broken))
+    gave_up = finished(sessions, broken)
     assert (recovered.status, recovered.attempts) == (RequestStatus.SUCCEEDED, 3)
     assert executions(sessions, flaky) == [Outcome.FAILED, Outcome.FAILED, Outcome.SUCCEEDED]
     assert (gave_up.status, gave_up.attempts, gave_up.error) == (

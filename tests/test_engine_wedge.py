@@ -15,17 +15,17 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Outcome, Priority, RequestStatus, TaskKind
-from inferq.settings import Settings
+from core.enums import Outcome, Priority, RequestStatus, TaskKind
+from core.settings import Settings
 from router import load_config
-from storage.models import LedgerEntry, Request
-from storage.tenants import create_tenant
-from tasks.app import create_celery, publish
+from storage.tables import LedgerEntry, Request
+from tasks.app import create_celery, publish_runs
 from tasks.contract import RunMessage
-from tasks.queues import model_queue
+from tasks.rows import run_message
 from tests.conftest import (
     Process,
-    message_for,
+    new_tenant,
+    publish_bundled,
     queued_runs,
     service_env,
     start_workers,
@@ -56,8 +56,9 @@ def test_an_overflowing_seed_on_the_queue_fails_alone_and_the_worker_goes_on(
     workers: dict[str, Process],
     api_url: str,
 ) -> None:
+    tenant = new_tenant(sessions, "wedge")
+    key = tenant.key
     with sessions.begin() as session:
-        tenant, key = create_tenant(session, f"wedge-{uuid.uuid4().hex[:8]}")
         row = Request(
             tenant_id=tenant.id,
             task=TaskKind.COMPLETE,
@@ -69,11 +70,11 @@ def test_an_overflowing_seed_on_the_queue_fails_alone_and_the_worker_goes_on(
         )
         session.add(row)
         session.flush()
-        message = message_for(row)
+        message = run_message(row)
     message.engine_request.temperature = 0.8
     message.engine_request.seed = OVERFLOWING_SEED
-    celery = create_celery(settings, load_config(settings.config))
-    publish(celery, [message], queue=model_queue("tiny"), bundle_size=1)
+    config = load_config(settings.config)
+    publish_runs(create_celery(settings, config), config, [message])
 
     def ended() -> bool:
         with sessions() as session:
@@ -123,9 +124,10 @@ def wedging(settings: Settings, tmp_path: Path) -> Settings:
     return own_settings(settings, path)
 
 
-def send(settings: Settings, messages: list[RunMessage], model: str) -> None:
-    celery = create_celery(settings, load_config(settings.config))
-    publish(celery, messages, queue=model_queue(model), bundle_size=len(messages))
+def send(settings: Settings, messages: list[RunMessage]) -> None:
+    """All of them in one broker message."""
+    config = load_config(settings.config)
+    publish_bundled(create_celery(settings, config), config, messages, bundle=len(messages))
 
 
 def statuses(sessions: sessionmaker[Session], messages: list[RunMessage]) -> list[Request]:
@@ -145,7 +147,7 @@ def test_a_static_call_that_never_returns_stops_the_worker_with_70(
     worker = start_workers(env, log_dir, ["hangs"], tag="wedge-static")["hangs"]
     try:
         [hung] = queued_runs(sessions, tenant_id, ["HANG forever"], model="hangs")
-        send(wedging, [hung], "hangs")
+        send(wedging, [hung])
         wait_for(lambda: worker.proc.poll() is not None, timeout=120, what="the worker to exit")
         assert worker.proc.returncode == 70, worker.tail()
         assert "the engine is wedged" in worker.tail()
@@ -172,7 +174,7 @@ def test_an_add_that_raises_fails_only_its_request(
     try:
         prompts = ["first one", "second one", "ADDBOOM here", "fourth one", "fifth one"]
         messages = queued_runs(sessions, tenant_id, prompts, model="adds")
-        send(wedging, messages, "adds")
+        send(wedging, messages)
 
         def ended() -> bool:
             return all(r.status.terminal for r in statuses(sessions, messages))
@@ -189,7 +191,7 @@ def test_an_add_that_raises_fails_only_its_request(
         assert rows[2].error == "EngineError: add blew up"
         # The worker goes on.
         [after] = queued_runs(sessions, tenant_id, ["after"], model="adds")
-        send(wedging, [after], "adds")
+        send(wedging, [after])
         wait_for(
             lambda: statuses(sessions, [after])[0].status is RequestStatus.SUCCEEDED,
             timeout=60,

@@ -21,11 +21,10 @@ from jsonschema import Draft202012Validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import TaskKind
-from inferq.models import PromptMeter
-from inferq.settings import Settings
+from core.enums import TaskKind
+from core.settings import Settings
 from router.config import ModelSpec
-from storage.models import LedgerEntry
+from storage.tables import LedgerEntry
 from tasks.contract import EngineRequest
 from tasks.templates import OutputError, SamplingIn, parse_output, render
 from tests.conftest import (
@@ -38,6 +37,7 @@ from tests.conftest import (
     stop,
     wait_for,
 )
+from weights.tokens import PromptMeter
 from workers.engines import EngineError, create_engine
 from workers.engines.hosted import HostedEngine
 from workers.engines.transformers import TransformersEngine
@@ -60,7 +60,7 @@ def chat(text: str, **params: object) -> EngineRequest:
 
 @pytest.fixture(scope="session")
 def tiny_path() -> Path:
-    from inferq.tiny_model import ensure_tiny_model
+    from weights.tiny import ensure_tiny_model
 
     return ensure_tiny_model(MODELS_DIR)
 
@@ -363,7 +363,7 @@ def _check_served(
 
 
 def _tiny() -> Path:
-    from inferq.tiny_model import ensure_tiny_model
+    from weights.tiny import ensure_tiny_model
 
     return ensure_tiny_model(MODELS_DIR)
 

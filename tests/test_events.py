@@ -7,9 +7,9 @@ import uuid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Outcome, Priority, RequestStatus, TaskKind
+from core.enums import Outcome, Priority, RequestStatus, TaskKind
 from storage.events import close_finished_jobs, request_completed
-from storage.models import Job, Request, Tenant, utcnow
+from storage.tables import Job, Request, Tenant, utcnow
 from storage.webhooks import WebhookDelivery
 
 URL = "https://hooks.example.com/inferq"

@@ -19,12 +19,11 @@ import yaml
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Outcome, Priority, RequestStatus, TaskKind
-from inferq.settings import Settings
-from storage.models import LedgerEntry, Request
-from storage.tenants import create_tenant
+from core.enums import Outcome, Priority, RequestStatus, TaskKind
+from core.settings import Settings
+from storage.tables import LedgerEntry, Request
 from tasks.contract import EngineRequest, RunMessage
-from tests.conftest import Process, stop, wait_for
+from tests.conftest import Process, new_tenant, stop, wait_for
 from tests.stack import own_settings, start_api, start_workers
 from workers.batcher import WorkItem
 from workers.fairness import FairLanes
@@ -50,12 +49,6 @@ def stack(
     api, url = start_api(own, log_dir, "fair-api")
     yield own, url
     stop(api)
-
-
-def tenant_key(sessions: sessionmaker[Session]) -> tuple[uuid.UUID, str]:
-    with sessions.begin() as session:
-        tenant, key = create_tenant(session, f"fair-{uuid.uuid4().hex[:8]}")
-        return tenant.id, key
 
 
 def submit_job(url: str, key: str, lines: int) -> str:
@@ -131,8 +124,8 @@ def test_equal_jobs_started_together_finish_together(
     worker: list[Process],
 ) -> None:
     lines = 300
-    first = submit_job(stack[1], tenant_key(sessions)[1], lines)
-    second = submit_job(stack[1], tenant_key(sessions)[1], lines)
+    first = submit_job(stack[1], new_tenant(sessions, "fair").key, lines)
+    second = submit_job(stack[1], new_tenant(sessions, "fair").key, lines)
     worker.append(start_worker(stack, log_dir, "fair-equal"))
 
     def done() -> bool:
@@ -161,8 +154,8 @@ def test_a_small_job_behind_a_large_one_finishes_in_its_own_time(
     worker: list[Process],
 ) -> None:
     large, small = 2000, 20
-    large_job = submit_job(stack[1], tenant_key(sessions)[1], large)
-    small_job = submit_job(stack[1], tenant_key(sessions)[1], small)
+    large_job = submit_job(stack[1], new_tenant(sessions, "fair").key, large)
+    small_job = submit_job(stack[1], new_tenant(sessions, "fair").key, small)
     worker.append(start_worker(stack, log_dir, "fair-small"))
 
     wait_for(

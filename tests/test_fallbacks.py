@@ -6,9 +6,8 @@ on Redis, and interactive requests overtaking batch work on a busy model."""
 from __future__ import annotations
 
 import re
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,17 +17,18 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.enums import Outcome, Priority, RequestStatus
+from core.settings import Settings
 from inferq.client import Client, RequestFailed
-from inferq.enums import Outcome, Priority, RequestStatus, TaskKind
-from inferq.settings import Settings
 from router.config import BreakerSpec, RouterConfig, load_config
-from router.health import ModelHealth
 from router.route import Route
-from storage.models import LedgerEntry, Request, Tenant
-from tasks.app import create_celery, publish
-from tasks.contract import EngineRequest, RunMessage
-from tasks.queues import model_queue
-from tests.conftest import message_for, stop, wait_for
+from storage.tables import LedgerEntry, Request
+from submission.prepare import availability
+from tasks.app import create_celery, publish_runs
+from tasks.breaker import Breaker
+from tasks.contract import RunMessage
+from tasks.queues import model_queue, queue_depths
+from tests.conftest import queued_runs, stop, wait_for
 from tests.stack import own_settings, start_api, start_workers
 from workers.engines.scripted import Rule, ScriptedEngine
 from workers.runtime import WorkerRuntime
@@ -71,7 +71,7 @@ MODELS = list(CONFIG["models"])
 def stack(
     settings: Settings, log_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Settings, str]]:
-    from inferq.tiny_model import ensure_tiny_model
+    from weights.tiny import ensure_tiny_model
 
     ensure_tiny_model(settings.model_cache)
     path = tmp_path_factory.mktemp("fallbacks") / "models.yaml"
@@ -85,14 +85,23 @@ def stack(
 
 
 @pytest.fixture
-def health(stack: tuple[Settings, str]) -> Iterator[ModelHealth]:
+def health(stack: tuple[Settings, str]) -> Iterator[Breaker]:
     """The breaker state the API and the workers share; every test starts with all closed."""
     own, _ = stack
-    health = ModelHealth.create(own, load_config(own.config).breaker)
+    breaker = Breaker.create(own, load_config(own.config).breaker)
     for model in MODELS:
-        health.reset(model)
-    yield health
-    health.close()
+        breaker.reset(model)
+    yield breaker
+    breaker.close()
+
+
+@pytest.fixture
+def depth(stack: tuple[Settings, str]) -> Iterator[Callable[[str], int]]:
+    """Messages waiting on a model's queues, as routing counts them."""
+    own, _ = stack
+    celery = create_celery(own, load_config(own.config))
+    yield lambda model: queue_depths(celery, [model])[model]
+    celery.close()
 
 
 @pytest.fixture
@@ -116,7 +125,7 @@ def ledger(sessions: sessionmaker[Session], request_id: str) -> list[tuple[str, 
 
 
 def test_a_failing_engine_hands_the_request_down_the_chain(
-    inferq: Client, health: ModelHealth, sessions: sessionmaker[Session]
+    inferq: Client, health: Breaker, sessions: sessionmaker[Session]
 ) -> None:
     fine = inferq.generate("chat", chat("hello there"))
     assert (fine.model, fine.first_model, fine.fallback_reason) == ("flaky", "flaky", None)
@@ -129,7 +138,7 @@ def test_a_failing_engine_hands_the_request_down_the_chain(
 
 
 def test_an_engine_call_past_the_timeout_falls_back(
-    inferq: Client, health: ModelHealth, sessions: sessionmaker[Session]
+    inferq: Client, health: Breaker, sessions: sessionmaker[Session]
 ) -> None:
     result = inferq.generate("chat", chat("STUCK for a while"))
     assert (result.model, result.first_model) == ("steady", "flaky")
@@ -142,7 +151,7 @@ def test_an_engine_call_past_the_timeout_falls_back(
     assert inferq.generate("chat", chat("still there?")).model == "flaky"
 
 
-def test_with_no_fallback_left_the_request_fails(inferq: Client, health: ModelHealth) -> None:
+def test_with_no_fallback_left_the_request_fails(inferq: Client, health: Breaker) -> None:
     with pytest.raises(RequestFailed) as info:
         inferq.generate("chat", chat("BOOM alone"), model="flaky")  # an override has no chain
     failed = info.value.result
@@ -151,7 +160,7 @@ def test_with_no_fallback_left_the_request_fails(inferq: Client, health: ModelHe
 
 
 def test_a_model_that_keeps_failing_is_cooled_down_and_skipped(
-    inferq: Client, health: ModelHealth, sessions: sessionmaker[Session]
+    inferq: Client, health: Breaker, sessions: sessionmaker[Session]
 ) -> None:
     ids = [inferq.submit("chat", chat(f"BOOM {n}")) for n in range(3)]
     for request_id in ids:
@@ -174,26 +183,23 @@ def test_a_prompt_too_long_for_the_model_moves_to_a_longer_context(inferq: Clien
 
 
 def test_a_queue_deeper_than_the_route_allows_moves_down_the_chain(
-    inferq: Client, health: ModelHealth
+    inferq: Client, health: Breaker, depth: Callable[[str], int]
 ) -> None:
-    before = health.queue_depth("idle")
+    before = depth("idle")
     parked = inferq.submit("expand", {"query": "boots", "n": 1})
-    wait_for(lambda: health.queue_depth("idle") > before, timeout=30, what="idle's queue")
+    wait_for(lambda: depth("idle") > before, timeout=30, what="idle's queue")
     if before == 0:
         first = inferq.get(parked)
         assert (first.status, first.model) == ("queued", "idle")
     moved = inferq.generate("expand", {"query": "boots", "n": 1})
     assert (moved.model, moved.first_model) == ("steady", "idle")
-    assert (
-        moved.fallback_reason
-        == f"idle: queue depth {health.queue_depth('idle')} over the route's 0"
-    )
+    assert moved.fallback_reason == f"idle: queue depth {depth('idle')} over the route's 0"
 
 
 def test_breaker_counts_failures_in_a_row_and_a_success_resets(
     settings: Settings,
 ) -> None:
-    health = ModelHealth.create(settings, BreakerSpec(failures=3, cooldown_s=0.2))
+    health = Breaker.create(settings, BreakerSpec(failures=3, cooldown_s=0.2))
     model = f"m-{uuid.uuid4().hex[:6]}"
     try:
         assert not health.record(model, succeeded=0, failed=2)
@@ -206,39 +212,32 @@ def test_breaker_counts_failures_in_a_row_and_a_success_resets(
         health.close()
 
 
-def test_queue_depth_counts_every_priority_under_the_key_prefix(settings: Settings) -> None:
+def test_queue_depth_counts_every_priority_under_the_key_prefix(
+    settings: Settings, sessions: sessionmaker[Session], tenant_id: uuid.UUID
+) -> None:
     model = f"depth-{uuid.uuid4().hex[:6]}"  # a queue of its own, removed at the end
-    config = RouterConfig.model_validate({"models": {model: {"engine": "scripted"}}, "routes": []})
+    config = RouterConfig.model_validate(
+        {"models": {model: {"engine": "scripted", "max_batch_size": 1}}, "routes": []}
+    )
     celery = create_celery(settings, config)
-    health = ModelHealth.create(settings, config.breaker)
     elsewhere = settings.model_copy(update={"broker_key_prefix": f"elsewhere-{model}:"})
-    other = ModelHealth.create(elsewhere, config.breaker)
-
-    def message(priority: Priority) -> RunMessage:
-        return RunMessage(
-            request_id=str(uuid.uuid4()),
-            tenant_id=str(uuid.uuid4()),
-            model=model,
-            task=TaskKind.COMPLETE,
-            priority=priority,
-            engine_request=EngineRequest(prompt="x", max_tokens=1),
-            enqueued_at=time.time(),
-        )
-
+    other = create_celery(elsewhere, config)
     try:
-        assert health.queue_depth(model) == 0
-        messages = [message(Priority.INTERACTIVE), message(Priority.BATCH), message(Priority.BATCH)]
-        publish(celery, messages, queue=model_queue(model), bundle_size=1)
-        assert health.queue_depth(model) == 3  # one list per priority step, all counted
-        assert other.queue_depth(model) == 0  # another prefix sees none of them
+        assert queue_depths(celery, [model]) == {model: 0}
+        messages = [
+            *queued_runs(sessions, tenant_id, ["x"], model=model, priority=Priority.INTERACTIVE),
+            *queued_runs(sessions, tenant_id, ["y", "z"], model=model),
+        ]
+        publish_runs(celery, config, messages)  # a bundle of one request each
+        assert queue_depths(celery, [model]) == {model: 3}  # every priority list counted
+        assert queue_depths(other, [model]) == {model: 0}  # another prefix sees none of them
     finally:
         client = redis.Redis.from_url(settings.broker_url)
         for key in client.scan_iter(f"{settings.broker_key_prefix}{model_queue(model)}*"):
             client.delete(key)
         client.close()
-        for each in (health, other):
-            each.close()
         celery.close()
+        other.close()
 
 
 def test_interactive_requests_overtake_batch_work_on_a_busy_model(
@@ -283,56 +282,31 @@ WEDGED = RouterConfig.model_validate(
 
 
 def test_a_wedged_engine_times_out_what_follows_and_hands_it_on(
+    make_runtime: Callable[..., WorkerRuntime],
     sessions: sessionmaker[Session],
+    tenant_id: uuid.UUID,
 ) -> None:
-    with sessions.begin() as session:
-        tenant = Tenant(name=f"wedged-{uuid.uuid4().hex[:8]}")
-        session.add(tenant)
-        session.flush()
-        rows = [
-            Request(
-                tenant_id=tenant.id,
-                task=TaskKind.COMPLETE,
-                status=RequestStatus.QUEUED,
-                priority=Priority.BATCH,
-                model="w",
-                first_model="w",
-                fallbacks=["next"],
-                input={"prompt": prompt},
-                params={},
-            )
-            for prompt in ("HANG here", "an innocent one", "and another")
-        ]
-        session.add_all(rows)
-        session.flush()
-        messages = [message_for(row, max_tokens=4) for row in rows]
+    prompts = ["HANG here", "an innocent one", "and another"]
+    messages = queued_runs(
+        sessions, tenant_id, prompts, model="w", max_tokens=4, first_model="w", fallbacks=["next"]
+    )
     sent: list[RunMessage] = []
     engine = ScriptedEngine(rules=[Rule(match="HANG", hang=True)])
-    runtime = WorkerRuntime(
-        engine,
-        model="w",
-        config=WEDGED,
-        sessions=sessions,
-        worker_name="wedged",
-        publish_deliveries=lambda ids: None,
-        publish_runs=sent.extend,
+    runtime = make_runtime(
+        engine, config=WEDGED, model="w", worker_name="wedged", publish_runs=sent.extend
     )
-    runtime.start()
-    try:
-        assert runtime.submit(messages[0]).result(timeout=60) is Outcome.FAILED
-        # The next batch finds the engine still busy: it times out whole, never split.
-        later = [runtime.submit(m) for m in messages[1:]]
-        assert [f.result(timeout=60) for f in later] == [Outcome.FAILED] * 2
-        assert engine.calls == [1]  # no second call ever ran beside the hung one
-    finally:
-        runtime.stop()  # closing the scripted engine releases the hung call
+    assert runtime.submit(messages[0]).result(timeout=60) is Outcome.FAILED
+    # The next batch finds the engine still busy: it times out whole, never split.
+    later = [runtime.submit(m) for m in messages[1:]]
+    assert [f.result(timeout=60) for f in later] == [Outcome.FAILED] * 2
+    assert engine.calls == [1]  # no second call ever ran beside the hung one
     with sessions() as session:
         found = {
             str(r.id): r
-            for r in session.scalars(select(Request).where(Request.tenant_id == tenant.id))
+            for r in session.scalars(select(Request).where(Request.tenant_id == tenant_id))
         }
         outcomes = set(
-            session.scalars(select(LedgerEntry.outcome).where(LedgerEntry.tenant_id == tenant.id))
+            session.scalars(select(LedgerEntry.outcome).where(LedgerEntry.tenant_id == tenant_id))
         )
     reasons = [
         "w timed out: EngineTimeout: no answer within 0.5s",
@@ -351,7 +325,11 @@ def test_a_wedged_engine_times_out_what_follows_and_hands_it_on(
 
 def test_without_redis_routing_goes_on_as_configured(settings: Settings) -> None:
     gone = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})  # nothing there
-    health = ModelHealth.create(gone, BreakerSpec())
-    chosen = Route("flaky", ("steady",), model_queue("flaky"), 0.5, max_queue_depth=3)
-    assert health.checker()(chosen) is None  # neither cooled nor too deep, as far as it knows
-    health.close()
+    config = load_config(settings.config)
+    breaker, celery = Breaker.create(gone, BreakerSpec()), create_celery(gone, config)
+    chosen = Route("flaky", ("steady",), 0.5, max_queue_depth=3)
+    assert (
+        availability(breaker, celery)(chosen) is None
+    )  # neither cooled nor too deep, as far as it knows
+    breaker.close()
+    celery.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,16 +17,14 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import OPEN_STATUSES, Outcome, Priority, RequestStatus, TaskKind
-from inferq.tiny_model import ensure_tiny_model
+from core.enums import OPEN_STATUSES, Outcome, Priority, RequestStatus, TaskKind
 from router import load_config
 from storage.db import make_engine, make_sessionmaker
 from storage.migrate import upgrade
-from storage.models import Job, LedgerEntry, Request
-from storage.tenants import create_tenant
-from tasks.app import create_celery, publish
-from tasks.queues import model_queue
-from tests.conftest import message_for, wait_for
+from storage.tables import Job, LedgerEntry, Request
+from tasks.app import create_celery
+from tasks.rows import run_message
+from tests.conftest import NewTenant, new_tenant, publish_bundled, wait_for
 from tests.faultkit import (
     DRAIN_TIMEOUT_S,
     PostgresServer,
@@ -40,6 +37,7 @@ from tests.faultkit import (
     settled,
     status_counts,
 )
+from weights.tiny import ensure_tiny_model
 
 JOB_SIZE = 2000
 BATCH = 32
@@ -80,12 +78,6 @@ FAST_RECOVERY = {
 }
 
 
-@dataclass
-class Tenant:
-    id: uuid.UUID
-    key: str
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
     server = PostgresServer()
@@ -104,11 +96,10 @@ def db(postgres: PostgresServer) -> Iterator[sessionmaker[Session]]:
 
 
 @pytest.fixture
-def tenant(db: sessionmaker[Session]) -> Tenant:
-    """A tenant per test: the invariant is checked over this test's requests only."""
-    with db.begin() as session:
-        row, key = create_tenant(session, f"faults-{uuid.uuid4().hex[:8]}")
-        return Tenant(row.id, key)
+def tenant(db: sessionmaker[Session]) -> NewTenant:
+    """A tenant per test, in this module's own Postgres: the invariant is checked over this
+    test's requests only."""
+    return new_tenant(db, "faults")
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +132,7 @@ def stack(
     built.stop_all()
 
 
-def submit_job(url: str, tenant: Tenant, prompts: list[str], **spec: object) -> str:
+def submit_job(url: str, tenant: NewTenant, prompts: list[str], **spec: object) -> str:
     body = {
         "task": "complete",
         "items": [{"id": str(n), "prompt": p} for n, p in enumerate(prompts)],
@@ -160,17 +151,17 @@ def prompts(count: int = JOB_SIZE) -> list[str]:
     return [f"request {n} of the fault job" for n in range(count)]
 
 
-def succeeded(db: sessionmaker[Session], tenant: Tenant) -> int:
+def succeeded(db: sessionmaker[Session], tenant: NewTenant) -> int:
     return status_counts(db, tenant.id).get(RequestStatus.SUCCEEDED.value, 0)
 
 
-def ledger_rows(db: sessionmaker[Session], tenant: Tenant) -> int:
+def ledger_rows(db: sessionmaker[Session], tenant: NewTenant) -> int:
     with db() as session:
         query = select(func.count()).where(LedgerEntry.tenant_id == tenant.id)
         return int(session.scalar(query) or 0)
 
 
-def drain(db: sessionmaker[Session], tenant: Tenant, expected: int, since: float) -> float:
+def drain(db: sessionmaker[Session], tenant: NewTenant, expected: int, since: float) -> float:
     return seconds_until(
         lambda: settled(db, tenant.id, expected),
         since=since,
@@ -179,7 +170,7 @@ def drain(db: sessionmaker[Session], tenant: Tenant, expected: int, since: float
     )
 
 
-def open_ids(db: sessionmaker[Session], tenant: Tenant, status: RequestStatus) -> set[uuid.UUID]:
+def open_ids(db: sessionmaker[Session], tenant: NewTenant, status: RequestStatus) -> set[uuid.UUID]:
     with db() as session:
         query = select(Request.id).where(Request.tenant_id == tenant.id, Request.status == status)
         return set(session.scalars(query))
@@ -192,7 +183,7 @@ def all_finished(db: sessionmaker[Session], ids: set[uuid.UUID]) -> bool:
 
 
 def test_poison_fails_alone_and_a_hung_call_times_out(
-    stack: Stack, db: sessionmaker[Session], tenant: Tenant
+    stack: Stack, db: sessionmaker[Session], tenant: NewTenant
 ) -> None:
     job = prompts()
     poison = {7, 300, 301, 1200, 1999}
@@ -228,7 +219,7 @@ def test_poison_fails_alone_and_a_hung_call_times_out(
 
 
 def committed_unpublished(
-    db: sessionmaker[Session], tenant: Tenant, count: int, *, tag: str
+    db: sessionmaker[Session], tenant: NewTenant, count: int, *, tag: str
 ) -> list[Request]:
     """Rows as the API commits them (queued, lease taken), whose publish never happens."""
     now = datetime.now(UTC)
@@ -256,21 +247,21 @@ def committed_unpublished(
 
 
 def publish_directly(
-    stack: Stack, tenant: Tenant, rows: list[Request], *, bundle: int, copies: int = 1
+    stack: Stack, tenant: NewTenant, rows: list[Request], *, bundle: int, copies: int = 1
 ) -> None:
     """Publish committed rows as the API would, ``bundle`` requests a message, each message
     ``copies`` times in a row."""
     assert all(row.tenant_id == tenant.id and row.model == "scripted" for row in rows)
-    messages = [message_for(row) for row in rows]
-    celery = create_celery(stack.settings, load_config(stack.settings.config))
-    queue = model_queue("scripted")
+    messages = [run_message(row) for row in rows]
+    config = load_config(stack.settings.config)
+    celery = create_celery(stack.settings, config)
     for start in range(0, len(messages), bundle):
         for _copy in range(copies):
-            publish(celery, messages[start : start + bundle], queue=queue, bundle_size=bundle)
+            publish_bundled(celery, config, messages[start : start + bundle], bundle=bundle)
 
 
 def test_same_message_delivered_twice_runs_once(
-    stack: Stack, db: sessionmaker[Session], tenant: Tenant
+    stack: Stack, db: sessionmaker[Session], tenant: NewTenant
 ) -> None:
     rows = committed_unpublished(db, tenant, JOB_SIZE, tag="twice")
     begun = time.monotonic()
@@ -292,7 +283,7 @@ def test_same_message_delivered_twice_runs_once(
 
 
 def test_redis_killed_mid_job_and_restarted_empty(
-    stack: Stack, broker: RedisServer, db: sessionmaker[Session], tenant: Tenant
+    stack: Stack, broker: RedisServer, db: sessionmaker[Session], tenant: NewTenant
 ) -> None:
     # Small messages, so that more wait in Redis than a worker prefetches (64 messages).
     rows = committed_unpublished(db, tenant, JOB_SIZE, tag="redis")
@@ -328,7 +319,7 @@ def test_redis_killed_mid_job_and_restarted_empty(
 
 
 def test_postgres_stopped_for_20s_mid_job(
-    stack: Stack, postgres: PostgresServer, db: sessionmaker[Session], tenant: Tenant
+    stack: Stack, postgres: PostgresServer, db: sessionmaker[Session], tenant: NewTenant
 ) -> None:
     job_id = submit_job(stack.url, tenant, prompts())
     wait_for(lambda: succeeded(db, tenant) >= 400, timeout=120, what="the job to be under way")
@@ -361,7 +352,7 @@ def job_total(db: sessionmaker[Session], job_id: str) -> int:
 
 
 def test_api_crash_between_commit_and_publish(
-    stack: Stack, db: sessionmaker[Session], tenant: Tenant
+    stack: Stack, db: sessionmaker[Session], tenant: NewTenant
 ) -> None:
     api = next(p for p in reversed(stack.processes) if p.name.startswith("api"))
     job_id = submit_job(stack.url, tenant, prompts())
@@ -422,7 +413,7 @@ def vllm_stack(tmp_path: Path) -> Iterator[tuple[Stack, sessionmaker[Session]]]:
     postgres.remove()
 
 
-def held_by(db: sessionmaker[Session], tenant: Tenant) -> dict[int, dict[uuid.UUID, int]]:
+def held_by(db: sessionmaker[Session], tenant: NewTenant) -> dict[int, dict[uuid.UUID, int]]:
     """Running requests and their delivery counts, by the pid of the worker holding them
     (``claimed_by`` is ``model@host:pid``)."""
     with db() as session:
@@ -451,7 +442,7 @@ def reclaimed(db: sessionmaker[Session], held: dict[uuid.UUID, int]) -> int | No
     return None if waiting else again
 
 
-def kill_mid_batch(stack: Stack, db: sessionmaker[Session], tenant: Tenant) -> tuple[float, int]:
+def kill_mid_batch(stack: Stack, db: sessionmaker[Session], tenant: NewTenant) -> tuple[float, int]:
     """Kill -9 a live worker while it holds a batch; return the seconds until the requests it
     held were claimed again, and how many it held."""
     live = {p.proc.pid: p for p in stack.processes if "tiny" in p.name and is_ready(p)}
@@ -485,9 +476,7 @@ def test_vllm_workers_killed_mid_batch_five_times(
     stack.api()
     for worker in workers:
         stack.wait_ready(worker)
-    with db.begin() as session:
-        row, key = create_tenant(session, "killed-workers")
-        tenant = Tenant(row.id, key)
+    tenant = new_tenant(db, "killed-workers")
     begun = time.monotonic()
     params = {"max_tokens": MAX_TOKENS, "ignore_eos": True}
     submit_job(stack.url, tenant, prompts(), model="tiny", params=params)

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Outcome, Priority, RequestStatus
+from core.enums import Outcome, Priority, RequestStatus
 from router.config import RouterConfig
-from storage.models import LedgerEntry, Request
 from storage.requests import cancel_request
+from storage.tables import LedgerEntry, Request
 from tasks.contract import RunMessage
 from tests.conftest import queued_runs, wait_for
 from workers.consumer import Credit
@@ -67,22 +67,12 @@ def wedged() -> Wedged:
 
 @pytest.fixture
 def runtime(
-    engine: ScriptedStepEngine, sessions: sessionmaker[Session], wedged: Wedged
+    engine: ScriptedStepEngine, make_runtime: Callable[..., WorkerRuntime], wedged: Wedged
 ) -> Iterator[WorkerRuntime]:
-    runtime = WorkerRuntime(
-        engine,
-        model="s",
-        config=CONFIG,
-        sessions=sessions,
-        worker_name="feeder-test",
-        publish_deliveries=lambda ids: None,
-        stall_s=1.0,
-        on_wedged=wedged,
+    yield make_runtime(
+        engine, config=CONFIG, model="s", worker_name="feeder-test", stall_s=1.0, on_wedged=wedged
     )
-    runtime.start()
-    yield runtime
-    engine.close()
-    runtime.stop()
+    engine.close()  # before the runtime stops: a wedged step lets go
 
 
 def queued(

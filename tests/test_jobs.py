@@ -12,7 +12,7 @@ from jsonschema import Draft202012Validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import Job, LedgerEntry, Request
+from storage.tables import Job, LedgerEntry, Request
 from tests.conftest import wait_for
 
 DATA = Path(__file__).parents[1] / "inferq" / "data"

@@ -24,10 +24,10 @@ import pytest
 from sqlalchemy import column, insert, select, table
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.settings import Settings
+from core.settings import Settings
 from storage.db import make_engine, make_sessionmaker, normalise_url
 from storage.migrate import upgrade
-from storage.models import ApiKey, Tenant
+from storage.tables import ApiKey, Tenant
 from storage.tenants import create_tenant, hash_key, tenant_for_key
 from tests.conftest import PG_URL, service_env, start_api, stop, wait_for
 

@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.settings import Settings
-from storage.models import ApiKey, Job, Request
+from core.settings import Settings
+from storage.tables import ApiKey, Job, Request
 from storage.tenants import hash_key
 from tests.conftest import service_env, start_api, stop
 

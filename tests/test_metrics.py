@@ -21,10 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import RequestStatus
-from inferq.settings import Settings
-from storage.ledger_report import GroupBy, Window, fetch_attempts, summarise
-from storage.models import LedgerEntry, Request
+from core.enums import RequestStatus
+from core.settings import Settings
+from storage.ledger_stats import GroupBy, Window, fetch_attempts, summarise
+from storage.tables import LedgerEntry, Request
 from tasks.queues import model_queue
 from tests.conftest import (
     START_TIMEOUT_S,
@@ -63,7 +63,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    from inferq.tiny_model import ensure_tiny_model
+    from weights.tiny import ensure_tiny_model
 
     ensure_tiny_model(settings.model_cache)  # the API counts prompt tokens with its tokenizer
     folder = tmp_path_factory.mktemp("metrics")

@@ -12,10 +12,10 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.enums import Outcome
+from core.settings import Settings
 from inferq.client import Client
-from inferq.enums import Outcome
-from inferq.settings import Settings
-from storage.models import LedgerEntry, Request
+from storage.tables import LedgerEntry, Request
 from tests.conftest import stop, wait_for
 from tests.stack import own_settings, start_api, start_workers
 
@@ -65,7 +65,7 @@ def test_swap_the_model_behind_a_route_mid_job(
     api_key: str,
     sessions: sessionmaker[Session],
 ) -> None:
-    from inferq.tiny_model import ensure_tiny_model
+    from weights.tiny import ensure_tiny_model
 
     ensure_tiny_model(settings.model_cache)
     config = tmp_path / "models.yaml"

@@ -21,9 +21,8 @@ from openai.types import Batch
 from openai.types.chat import ChatCompletion
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.settings import Settings
-from storage.tenants import create_tenant
-from tests.conftest import wait_for
+from core.settings import Settings
+from tests.conftest import new_tenant, wait_for
 
 ENDED = ("completed", "failed", "expired", "cancelled")
 SCHEMA = {
@@ -45,9 +44,7 @@ def client(api_url: str, api_key: str) -> OpenAI:
 @pytest.fixture
 def stranger(api_url: str, sessions: sessionmaker[Session]) -> OpenAI:
     """The same client as another tenant."""
-    with sessions.begin() as session:
-        _tenant, key = create_tenant(session, f"stranger-{uuid.uuid4().hex[:8]}")
-    return OpenAI(base_url=f"{api_url}/v1", api_key=key)
+    return OpenAI(base_url=f"{api_url}/v1", api_key=new_tenant(sessions, "stranger").key)
 
 
 def chat_line(custom_id: str, text: str, *, model: str = "tiny", **body: Any) -> bytes:

@@ -22,11 +22,10 @@ from click.testing import CliRunner, Result
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.enums import Priority, RequestStatus, TaskKind
+from core.settings import Settings
 from inferq.cli import main
-from inferq.enums import Priority, RequestStatus, TaskKind
-from inferq.quality.pool import add_known
-from inferq.quality.report import RegressionCollector
-from inferq.quality.train import (
+from inferq.training.train import (
     DEGRADED_NAME,
     QUICK,
     SCHEMA_PATH,
@@ -35,16 +34,17 @@ from inferq.quality.train import (
     held_out_products,
     products,
 )
-from inferq.settings import Settings
-from storage.eval_models import EvalCounter, EvalPoolItem, EvalRun, EvalRunItem, EvalRunStatus
-from storage.models import Job, Request
-from storage.tenants import create_tenant
+from quality.compare import RegressionCollector
+from quality.pool import add_known
+from storage.eval_tables import EvalCounter, EvalPoolItem, EvalRun, EvalRunItem, EvalRunStatus
+from storage.tables import Job, Request
 from storage.webhooks import WebhookDelivery
 from tasks.eval_schedule import EVAL_TASK, beat_schedule, parse_cron
 from tasks.queues import FixedQueue
 from tests.conftest import (
     MODELS_DIR,
     Process,
+    new_tenant,
     service_env,
     start,
     start_workers,
@@ -120,8 +120,8 @@ def fill_pool(sessions: sessionmaker[Session], *, extract: int, classify: int) -
     held_out = {item["text"] for item in held_out_products()}
     catalogue = products(97, extract + classify, exclude=held_out)
     labels = ["in stock", "sold out"]
+    tenant = new_tenant(sessions, "eval")
     with sessions.begin() as session:
-        tenant, _key = create_tenant(session, f"eval-{uuid.uuid4().hex[:8]}")
         known = [({"text": p["text"], "schema": schema}, p["attributes"]) for p in catalogue]
         rows = add_known(session, tenant.id, TaskKind.EXTRACT, known[:extract])
         guesses = [({"text": p["text"], "labels": labels}, labels[0]) for p in catalogue[extract:]]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from inferq.quality.pii import PiiStripper, build_stripper
-from inferq.quality.train import held_out_products
+from inferq.training.train import held_out_products
+from quality.pii import PiiStripper, build_stripper
 
 
 @pytest.fixture(scope="module")

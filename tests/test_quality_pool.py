@@ -13,20 +13,20 @@ from celery import Celery
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Priority, RequestStatus, TaskKind
-from inferq.quality.pii import PiiStripper, build_stripper
-from inferq.quality.pool import (
+from core.enums import Priority, RequestStatus, TaskKind
+from core.settings import Settings
+from quality.pii import PiiStripper, build_stripper
+from quality.pool import (
     PoolPolicy,
     PoolSampler,
     reservoir_slot,
     sample_succeeded,
     unit_hash,
 )
-from inferq.settings import Settings
 from router.config import RouterConfig
-from storage.eval_models import EvalCounter, EvalPoolItem
-from storage.models import Request
-from tasks.contract import EngineRequest, RunMessage
+from storage.eval_tables import EvalCounter, EvalPoolItem
+from storage.tables import Request
+from tests.conftest import queued_runs
 from workers.runtime import WorkerRuntime
 
 
@@ -279,39 +279,11 @@ def test_worker_samples_succeeded_requests_into_the_pool_as_it_commits(
     sampling = settings.model_copy(update={"eval_sample_share": 1.0, "eval_tenants": ["*"]})
     runtime = WorkerRuntime.create(sampling, config, "s", sessions, Celery(set_as_current=False))
     texts = ["mail me at jane.doe@example.com", "a plain product line"]
-    with sessions.begin() as session:
-        rows = [
-            Request(
-                tenant_id=tenant_id,
-                task=TaskKind.COMPLETE,
-                status=RequestStatus.QUEUED,
-                priority=Priority.BATCH,
-                model="s",
-                input={"prompt": text},
-                params={},
-            )
-            for text in texts
-        ]
-        session.add_all(rows)
-        session.flush()
-        ids = [row.id for row in rows]
+    messages = queued_runs(sessions, tenant_id, texts, model="s")
+    ids = [uuid.UUID(m.request_id) for m in messages]
     runtime.start()
     try:
-        futures = [
-            runtime.submit(
-                RunMessage(
-                    request_id=str(request_id),
-                    tenant_id=str(tenant_id),
-                    model="s",
-                    task=TaskKind.COMPLETE,
-                    priority=Priority.BATCH,
-                    engine_request=EngineRequest(prompt=text, max_tokens=8),
-                    enqueued_at=0.0,
-                )
-            )
-            for request_id, text in zip(ids, texts, strict=True)
-        ]
-        [future.result(timeout=60) for future in futures]
+        [runtime.submit(m).result(timeout=60) for m in messages]
     finally:
         runtime.stop()
     with sessions() as session:

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from inferq.quality.scoring import (
+from inferq.training.train import SCHEMA_PATH
+from quality.scoring import (
     bootstrap_interval,
     classify_scores,
     expand_scores,
@@ -14,7 +15,6 @@ from inferq.quality.scoring import (
     jaccard,
     wilson_interval,
 )
-from inferq.quality.train import SCHEMA_PATH
 
 
 def test_classify_accuracy_and_confusion() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from inferq.quality.extract_eval import measure_extraction
-from inferq.quality.train import (
+from inferq.training.extract_eval import measure_extraction
+from inferq.training.train import (
     SCHEMA_PATH,
     TrainConfig,
     encode_example,
@@ -20,8 +20,8 @@ from inferq.quality.train import (
 def test_examples_follow_the_extract_prompt_and_skip_held_out_texts() -> None:
     from transformers import AutoTokenizer
 
-    from inferq.tiny_model import ensure_tiny_model
     from tests.conftest import MODELS_DIR
+    from weights.tiny import ensure_tiny_model
 
     held_out = held_out_products()
     texts = {item["text"] for item in held_out}

@@ -8,9 +8,8 @@ by token share and that the report agrees with the rows the worker wrote.
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,23 +19,24 @@ from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.enums import Outcome, Priority, RequestStatus, TaskKind
+from core.settings import Settings
 from inferq.cli import main
-from inferq.enums import Outcome, Priority, RequestStatus, TaskKind
-from inferq.settings import Settings
 from router.config import load_config
-from storage.ledger_report import (
+from storage.ledger_stats import (
     GroupBy,
     GroupStats,
     Spend,
     Window,
     fetch_attempts,
     over_time,
+    percentile,
     spend_class,
     summarise,
 )
-from storage.models import LedgerEntry, Request, Tenant
-from storage.reports import percentile
-from tasks.contract import ChatMessage, EngineRequest, RunMessage
+from storage.tables import LedgerEntry, Request, Tenant
+from tasks.contract import RunMessage
+from tasks.rows import run_message
 from tests.conftest import TEST_CONFIG
 from workers.engines.scripted import ScriptedEngine
 from workers.runtime import WorkerRuntime
@@ -327,19 +327,10 @@ def test_report_cli_refuses_a_backwards_window(settings: Settings) -> None:
 
 
 @pytest.fixture
-def scripted_runtime(sessions: sessionmaker[Session]) -> Iterator[WorkerRuntime]:
+def scripted_runtime(make_runtime: Callable[..., WorkerRuntime]) -> WorkerRuntime:
     config = load_config(TEST_CONFIG)
-    runtime = WorkerRuntime(
-        ScriptedEngine.from_options(config.models["scripted"].options),
-        model="scripted",
-        config=config,
-        sessions=sessions,
-        worker_name="report-test",
-        publish_deliveries=lambda ids: None,
-    )
-    runtime.start()
-    yield runtime
-    runtime.stop()
+    engine = ScriptedEngine.from_options(config.models["scripted"].options)
+    return make_runtime(engine, config=config, model="scripted", worker_name="report-test")
 
 
 def enqueue(session: Session, tenant: Tenant, text: str) -> RunMessage:
@@ -350,21 +341,11 @@ def enqueue(session: Session, tenant: Tenant, text: str) -> RunMessage:
         priority=Priority.BATCH,
         model="scripted",
         input={"messages": [{"role": "user", "content": text}]},
-        params={},
+        params={"max_tokens": 32},
     )
     session.add(row)
     session.flush()
-    return RunMessage(
-        request_id=str(row.id),
-        tenant_id=str(tenant.id),
-        model="scripted",
-        task=TaskKind.CHAT,
-        priority=Priority.BATCH,
-        engine_request=EngineRequest(
-            messages=[ChatMessage(role="user", content=text)], max_tokens=32
-        ),
-        enqueued_at=time.time(),
-    )
+    return run_message(row)
 
 
 def test_scripted_workload_attribution_and_report(

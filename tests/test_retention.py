@@ -20,11 +20,10 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.settings import Settings
-from storage.models import Job, LedgerEntry, Request
+from core.settings import Settings
 from storage.openai_files import Batch, StoredFile
-from storage.tenants import create_tenant
-from tests.conftest import service_env, start_api, stop, wait_for
+from storage.tables import Job, LedgerEntry, Request
+from tests.conftest import new_tenant, service_env, start_api, stop, wait_for
 
 QUOTA = 1000
 
@@ -41,9 +40,8 @@ def upload(client: httpx.Client, data: bytes) -> httpx.Response:
 
 
 def other_client(api_url: str, sessions: sessionmaker[Session]) -> httpx.Client:
-    with sessions.begin() as session:
-        _tenant, key = create_tenant(session, f"other-{uuid.uuid4().hex[:8]}")
-    return httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    headers = new_tenant(sessions, "other").headers
+    return httpx.Client(base_url=api_url, headers=headers, timeout=60)
 
 
 def wait_batch(client: httpx.Client, batch_id: str) -> dict[str, Any]:

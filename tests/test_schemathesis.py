@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from api.app import create_app
-from inferq.settings import Settings
+from core.settings import Settings
 from tests.conftest import TEST_CONFIG
 
 CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance]

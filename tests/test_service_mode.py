@@ -14,7 +14,8 @@ from jsonschema import Draft202012Validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import LedgerEntry
+from storage.tables import LedgerEntry
+from tests.conftest import new_tenant
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "inferq/data/product_schema.json").read_text())
 TEXT = "Nordkap waterproof hiking jacket in forest green, size M, recycled polyester shell."
@@ -108,14 +109,9 @@ def test_ledger_records_the_attempt(client: httpx.Client, sessions: sessionmaker
 def test_tenants_see_only_their_own_requests(
     client: httpx.Client, api_url: str, sessions: sessionmaker[Session]
 ) -> None:
-    from storage.tenants import create_tenant
-
     request_id = submit(client, {"task": "complete", "input": {"prompt": "mine"}})
-    with sessions.begin() as session:
-        _other, other_key = create_tenant(session, f"other-{uuid.uuid4().hex[:8]}")
-    other = httpx.get(
-        f"{api_url}/v1/requests/{request_id}", headers={"Authorization": f"Bearer {other_key}"}
-    )
+    other_tenant = new_tenant(sessions, "other")
+    other = httpx.get(f"{api_url}/v1/requests/{request_id}", headers=other_tenant.headers)
     assert other.status_code == 404
     assert client.get(f"/v1/requests/{request_id}").status_code == 200
 

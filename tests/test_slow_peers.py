@@ -20,15 +20,14 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.settings import Settings
-from inferq.tiny_model import ensure_tiny_model
-from storage.tenants import create_tenant
+from core.settings import Settings
 from storage.webhooks import DeliveryStatus, WebhookDelivery, enqueue_delivery
 from tasks.webhooks import publish_deliveries
 from tests import test_webhooks as hooks
-from tests.conftest import Process, service_env, start_api, stop, wait_for
+from tests.conftest import Process, new_tenant, service_env, start_api, stop, wait_for
 from tests.peers import tricklers
 from tests.test_webhooks import Receiver, delivery, enqueue
+from weights.tiny import ensure_tiny_model
 
 DEADLINE_S = 3
 WAIT_CAP = 2
@@ -110,9 +109,7 @@ def capped_api(settings: Settings, log_dir: Path) -> Iterator[str]:
 
 
 def tenant_client(sessions: sessionmaker[Session], url: str) -> httpx.Client:
-    with sessions.begin() as session:
-        _tenant, key = create_tenant(session, f"tenant-{uuid.uuid4().hex[:8]}")
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    return httpx.Client(base_url=url, headers=new_tenant(sessions).headers, timeout=60)
 
 
 def parked(client: httpx.Client, prompt: str = "hello") -> str:

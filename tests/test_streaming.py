@@ -20,9 +20,9 @@ from openai import OpenAI
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import RequestStatus
-from inferq.settings import MEMORY_BROKER, Settings
-from storage.models import Request, utcnow
+from core.enums import RequestStatus
+from core.settings import MEMORY_BROKER, Settings
+from storage.tables import Request, utcnow
 from tasks.streams import (
     START,
     STREAM_TTL_S,
@@ -32,7 +32,7 @@ from tasks.streams import (
     create_reader,
     stream_key,
 )
-from tests.conftest import BROKER_PREFIX, wait_for
+from tests.conftest import BROKER_PREFIX, new_tenant, wait_for
 
 CHAT = [{"role": "user", "content": "Tell me a story"}]
 Event = tuple[str | None, str]  # an SSE event's name and data
@@ -216,14 +216,10 @@ def test_native_stream_sends_tokens_then_the_record(
 def test_native_stream_of_another_tenants_request_is_404(
     client: httpx.Client, api_url: str, sessions: sessionmaker[Session]
 ) -> None:
-    from storage.tenants import create_tenant
-
     request_id = submit(client, "parked", max_tokens=4)
-    with sessions.begin() as session:
-        _tenant, key = create_tenant(session, f"stranger-{uuid.uuid4().hex[:8]}")
     stranger = httpx.get(
         f"{api_url}/v1/requests/{request_id}/stream",
-        headers={"Authorization": f"Bearer {key}"},
+        headers=new_tenant(sessions, "stranger").headers,
         timeout=10,
     )
     assert stranger.status_code == 404

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from inferq.enums import TaskKind
+from core.enums import TaskKind
 from tasks.templates import OutputError, SamplingIn, parse_output, render
 
 SCHEMA = {

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from inferq import tiny_model
-from inferq.tiny_model import MODEL_NAME, ensure_tiny_model
+from weights import tiny
+from weights.tiny import MODEL_NAME, ensure_tiny_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -48,7 +48,7 @@ def test_folder_holds_config_weights_and_tokenizer(model_dir: Path) -> None:
         "model.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",
-        tiny_model.MARKER_FILE,
+        tiny.MARKER_FILE,
     ):
         assert (model_dir / name).is_file(), name
     config = json.loads((model_dir / "config.json").read_text())
@@ -87,7 +87,7 @@ def test_vocab_and_special_ids_match_config(
 ) -> None:
     config = json.loads((model_dir / "config.json").read_text())
     generation = json.loads((model_dir / "generation_config.json").read_text())
-    assert len(tokenizer) == config["vocab_size"] == tiny_model.VOCAB_SIZE
+    assert len(tokenizer) == config["vocab_size"] == tiny.VOCAB_SIZE
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         assert config[key] == generation[key] == getattr(tokenizer, key)
     assert tokenizer.model_max_length == config["max_position_embeddings"]
@@ -121,17 +121,17 @@ def _fake_build(calls: list[Path], delay: float = 0.0) -> Callable[..., None]:
     def build(target: Path, *, seed: int = 0) -> None:
         calls.append(target)
         time.sleep(delay)
-        for name in tiny_model.REQUIRED_FILES:
+        for name in tiny.REQUIRED_FILES:
             (target / name).write_text("{}")
-        marker = {"recipe_version": tiny_model.RECIPE_VERSION, "seed": seed}
-        (target / tiny_model.MARKER_FILE).write_text(json.dumps(marker))
+        marker = {"recipe_version": tiny.RECIPE_VERSION, "seed": seed}
+        (target / tiny.MARKER_FILE).write_text(json.dumps(marker))
 
     return build
 
 
 def test_incomplete_folder_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(tiny_model, "build_tiny_model", _fake_build(calls))
+    monkeypatch.setattr(tiny, "build_tiny_model", _fake_build(calls))
     half = tmp_path / MODEL_NAME
     half.mkdir()
     (half / "config.json").write_text("{}")  # a crash of someone else's hand-made copy
@@ -139,13 +139,13 @@ def test_incomplete_folder_is_rebuilt(tmp_path: Path, monkeypatch: pytest.Monkey
 
     assert ensure_tiny_model(tmp_path) == half
     assert len(calls) == 1
-    assert (half / tiny_model.MARKER_FILE).is_file()
+    assert (half / tiny.MARKER_FILE).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".{MODEL_NAME}.lock", MODEL_NAME]
 
 
 def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(tiny_model, "build_tiny_model", _fake_build(calls, delay=0.3))
+    monkeypatch.setattr(tiny, "build_tiny_model", _fake_build(calls, delay=0.3))
     results: list[Path] = []
     threads = [
         threading.Thread(target=lambda: results.append(ensure_tiny_model(tmp_path)))

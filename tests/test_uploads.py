@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import job_source
 from api.job_source import Position
 from api.jsonl import CHUNK_BYTES, NumberedLines, TooManyLines, count_lines, read_counted
-from inferq.settings import Settings
-from storage.models import Job, JobSource
+from core.settings import Settings
 from storage.openai_files import StoredFile, get_file, insert_streamed, new_file_id, stored_bytes
+from storage.tables import Job, JobSource
 
 
 def chat_line(custom_id: str, text: str) -> bytes:

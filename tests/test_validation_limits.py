@@ -17,7 +17,7 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.settings import Settings
+from core.settings import Settings
 from tests.conftest import service_env, start_api, stop
 from tests.test_bad_input import create_batch, rows_for_key
 

@@ -1,7 +1,7 @@
 """Webhooks: Standard Webhooks signatures, the SSRF guard, and delivery to a real receiver.
 
 The receiver is a real HTTP server on loopback that verifies every signature with
-``inferq.signing.verify``. Delivery runs in-process (the sender alone) or through an
+``core.signing.verify``. Delivery runs in-process (the sender alone) or through an
 ``inferq webhooks`` process on Redis; loopback is allowed there by its setting, while the
 session's API process keeps the default and refuses it.
 """
@@ -22,13 +22,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq import signing
-from inferq.netguard import GuardedTransport, UnsafeURL, check_url
-from inferq.settings import Settings
+from core import signing
+from core.netguard import GuardedTransport, UnsafeURL, check_url
+from core.settings import Settings
 from router import load_config
-from storage.models import Tenant
+from storage.tables import Tenant
 from storage.tenants import tenant_for_key
 from storage.webhooks import (
     DeliveryStatus,
@@ -37,7 +38,7 @@ from storage.webhooks import (
     enqueue_delivery,
     register_endpoint,
 )
-from tasks.app import InferqCelery, create_celery
+from tasks.app import create_celery
 from tasks.webhooks import publish_deliveries
 from tests.conftest import Process, free_port, service_env, start, stop, wait_for
 from workers.webhooks import BACKOFF_CAP_S, MIN_DELAY_S, WebhookSender, retry_after_s
@@ -126,7 +127,7 @@ def make_sender(settings: Settings, sessions: sessionmaker[Session]) -> Iterator
 
 
 @pytest.fixture(scope="module")
-def celery_app(settings: Settings) -> Iterator[InferqCelery]:
+def celery_app(settings: Settings) -> Iterator[Celery]:
     app = create_celery(settings, load_config(settings.config))
     yield app
     app.close()
@@ -387,7 +388,7 @@ def test_delivery_is_retried_until_the_receiver_answers(
     sessions: sessionmaker[Session],
     tenant_id: uuid.UUID,
     receiver: Receiver,
-    celery_app: InferqCelery,
+    celery_app: Celery,
     webhook_worker: Process,
 ) -> None:
     receiver.script = [(503, {"Retry-After": "1"})] * 2
@@ -431,7 +432,7 @@ def test_replay_resends_the_same_delivery(
     api_key: str,
     sessions: sessionmaker[Session],
     receiver: Receiver,
-    celery_app: InferqCelery,
+    celery_app: Celery,
     webhook_worker: Process,
 ) -> None:
     with sessions() as session:

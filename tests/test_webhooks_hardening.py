@@ -16,9 +16,9 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq import netguard, signing
-from inferq.netguard import HostNotResolved, check_url
-from storage.models import Tenant
+from core import netguard, signing
+from core.netguard import HostNotResolved, check_url
+from storage.tables import Tenant
 from storage.tenants import tenant_for_key
 from storage.webhooks import (
     DeliveryStatus,

@@ -4,17 +4,17 @@ exact batch sizes, one transaction per batch, first success wins."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Outcome, RequestStatus, TaskKind
+from core.enums import Outcome, RequestStatus, TaskKind
 from router.config import RouterConfig
 from storage.ledger import Attempt, record_batch
-from storage.models import LedgerEntry, Request
+from storage.tables import LedgerEntry, Request
 from tasks.contract import RunMessage
 from tests.conftest import queued_runs
 from workers.engines.scripted import Rule, ScriptedEngine
@@ -42,18 +42,8 @@ def engine() -> ScriptedEngine:
 
 
 @pytest.fixture
-def runtime(engine: ScriptedEngine, sessions: sessionmaker[Session]) -> Iterator[WorkerRuntime]:
-    runtime = WorkerRuntime(
-        engine,
-        model="s",
-        config=CONFIG,
-        sessions=sessions,
-        worker_name="t",
-        publish_deliveries=lambda ids: None,
-    )
-    runtime.start()
-    yield runtime
-    runtime.stop()
+def runtime(engine: ScriptedEngine, make_runtime: Callable[..., WorkerRuntime]) -> WorkerRuntime:
+    return make_runtime(engine, config=CONFIG, model="s")
 
 
 def queued(

@@ -18,10 +18,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Outcome, RequestStatus
-from inferq.settings import Settings
+from core.enums import Outcome, RequestStatus
+from core.settings import Settings
 from storage.db import make_engine
-from storage.models import LedgerEntry, Request
+from storage.tables import LedgerEntry, Request
 from tests.conftest import Process, stop, wait_for
 from tests.stack import own_settings, start_api, start_workers
 from workers.writer import is_connection_error
@@ -70,7 +70,7 @@ PATTERNED = {
 def stack(
     settings: Settings, log_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, dict[str, Process]]]:
-    from inferq.tiny_model import ensure_tiny_model
+    from weights.tiny import ensure_tiny_model
 
     ensure_tiny_model(settings.model_cache)
     path = tmp_path_factory.mktemp("writer") / "models.yaml"

@@ -1,8 +1,10 @@
-"""The micro-batcher: buffers requests while the engine runs, and hands out batches.
+"""The micro-batcher of static engines: buffers requests while the engine runs, and hands
+out batches.
 
-Consuming is apart from executing. Celery's consumer keeps pulling messages into the buffer
-(one pool thread waits per message) while a single executor thread runs the engine, so the next
-batch is already waiting when the current one ends.
+Consuming is apart from executing. The consumer step (``workers.consumer``) decodes each
+message's bundle into the buffer on the worker's event loop, while a single executor thread
+runs the engine (``workers.executor``), so the next batch is already waiting when the current
+one ends. Continuous engines are fed by ``workers.feeder`` instead.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from inferq.enums import Outcome
+from core.enums import Outcome
 from tasks.contract import RunMessage
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from concurrent.futures import Future
 from functools import partial
 from typing import Any
 
-from celery import bootsteps
+from celery import Celery, bootsteps
 from kombu import Consumer, Message, Queue
 
-from inferq.enums import Outcome
+from core.enums import Outcome
 from tasks.contract import RUN_TASK_NAME, RunMessage
 from tasks.queues import interactive_queue, model_queue
 from workers.runtime import WorkerRuntime
@@ -28,13 +28,22 @@ from workers.runtime import WorkerRuntime
 log = logging.getLogger(__name__)
 
 
+# The worker option that hands the consumer step the runtimes it feeds, by model:
+# ``app.Worker(..., inferq_runtimes={model: runtime})``. Celery passes worker options on to
+# every consumer step, so the runtimes reach the step without being kept on the app.
+RUNTIMES_OPTION = "inferq_runtimes"
+
+
 class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
     """Consume the queues of every model this process runs an engine for: batch queues on
     one channel, interactive queues on another, each channel with its own credit, so an
     interactive request is fetched at once however much batch work is held."""
 
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self._runtimes: dict[str, WorkerRuntime] = dict(kwargs.get(RUNTIMES_OPTION) or {})
+
     def start(self, c: Any) -> None:
-        self._runtimes: dict[str, WorkerRuntime] = dict(c.app.runtimes)
         self._hub = c.controller.hub  # None under a synchronous loop (the memory transport)
         self._queues = c.app.amqp.queues
         self._connection = c.connection
@@ -170,7 +179,8 @@ def _ack(message: Message) -> None:
         log.warning("could not acknowledge a message: its connection is gone", exc_info=True)
 
 
-def serve(app: Any, runtimes: dict[str, WorkerRuntime]) -> None:
-    """Make a Celery app's workers feed these runtimes from their models' queues."""
-    app.runtimes.update(runtimes)
+def serve(app: Celery, runtimes: dict[str, WorkerRuntime]) -> dict[str, Any]:
+    """Make the app's workers feed these runtimes from their models' queues; returns the
+    option to start the worker with (``app.Worker(..., **serve(app, runtimes))``)."""
     app.steps["consumer"].add(BatchConsumer)
+    return {RUNTIMES_OPTION: dict(runtimes)}

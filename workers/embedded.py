@@ -6,15 +6,17 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
+from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.settings import Settings
+from core.settings import Settings
+from quality import scheduled
 from router.config import RouterConfig
-from tasks.app import InferqCelery
 from tasks.queues import FixedQueue
 from workers.consumer import serve
 from workers.runtime import WorkerRuntime
+from workers.webhook_worker import register_delivery
 from workers.webhooks import WebhookSender
 
 
@@ -22,13 +24,13 @@ from workers.webhooks import WebhookSender
 def embedded_workers(
     settings: Settings,
     config: RouterConfig,
-    celery: InferqCelery,
+    celery: Celery,
     sessions: sessionmaker[Session],
     *,
     models: Sequence[str] | None = None,
 ) -> Iterator[dict[str, WorkerRuntime]]:
-    """Run an engine per model and one Celery worker feeding them (and delivering webhooks),
-    until the block ends."""
+    """Run an engine per model and one Celery worker feeding them (and delivering webhooks,
+    and running the scheduled evaluation), until the block ends."""
     with ExitStack() as stack:
         runtimes = {}
         for model in models or list(config.models):
@@ -36,10 +38,10 @@ def embedded_workers(
             runtime.start()
             stack.callback(runtime.stop)
             runtimes[model] = runtime
-        serve(celery, runtimes)
-        stack.callback(celery.runtimes.clear)
-        celery.webhook_sender = WebhookSender(settings, sessions)
-        stack.callback(celery.webhook_sender.close)
+        sender = WebhookSender(settings, sessions)
+        stack.callback(sender.close)
+        register_delivery(celery, sender)
+        scheduled.register(celery, settings)
         stack.enter_context(
             start_worker(
                 celery,
@@ -50,6 +52,7 @@ def embedded_workers(
                 loglevel="WARNING",
                 shutdown_timeout=60.0,
                 hostname="embedded@inferq",
+                **serve(celery, runtimes),
             )
         )
         yield runtimes

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from inferq.enums import Outcome
+from core.enums import Outcome
 from router.config import ModelSpec
 from storage.ledger import Attempt
 from tasks.contract import EngineRequest

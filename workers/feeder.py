@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from inferq.enums import Outcome, Priority, RequestStatus
+from core.enums import Outcome, Priority, RequestStatus
 from router.config import ModelSpec
 from storage.reconcile import DEADLINE_PASSED
 from tasks.contract import RunMessage

@@ -18,7 +18,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 
-from inferq.enums import Outcome, Priority, RequestStatus
+from core.enums import Outcome, Priority, RequestStatus
 from tasks.contract import RunMessage
 from workers.batcher import WorkItem
 from workers.fairness import FairLanes, Pick

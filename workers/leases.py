@@ -17,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Priority, RequestStatus
-from inferq.settings import Settings
+from core.enums import Priority, RequestStatus
+from core.settings import Settings
 from storage.ledger import claim
 from storage.reconcile import renew, stopped_among
 from storage.requests import lock_oldest_queued, queued_tenants

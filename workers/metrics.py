@@ -10,10 +10,12 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from inferq.enums import Outcome
+from core.enums import Outcome
 from storage.ledger import Attempt
+from workers.probes import Probes
+from workers.probes import serve as serve_probes
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +83,9 @@ class WorkerMetrics:
             ran_s = (a.finished_at - a.started_at).total_seconds()
             stage.labels(a.model, "end_to_end").observe(a.queue_wait_s + ran_s)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> Any:
-        """Expose ``/metrics`` on a daemon thread; returns the server, to shut it down."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1", *, probes: Probes) -> Any:
+        """Expose ``/metrics``, with ``/healthz`` and ``/readyz`` (workers.probes), on a daemon
+        thread; returns the server, to shut it down."""
+        server = serve_probes(self.registry, probes, port, host)
         log.info("worker metrics on http://%s:%d/metrics", host, port)
         return server

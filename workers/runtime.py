@@ -1,4 +1,5 @@
-"""One worker process's runtime: its engine, its feed and writer, created once at start."""
+"""One worker process's runtime for one model: the engine, created once at start, and around
+it the feed, the leases, the writer and the writer's hooks."""
 
 from __future__ import annotations
 
@@ -12,23 +13,23 @@ from functools import partial
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Outcome, Priority
-from inferq.models import resolve_model_path
-from inferq.quality.pool import PoolSampler
-from inferq.settings import Settings
+from core.enums import Outcome, Priority
+from core.settings import Settings
+from quality.pool import PoolSampler
 from router.config import RouterConfig
-from router.health import ModelHealth
 from storage.ledger import Attempt
-from tasks.app import publish_by_model
+from tasks.app import publish_runs
+from tasks.breaker import Breaker
 from tasks.budget import TokenBudget
 from tasks.contract import RunMessage
 from tasks.streams import TokenEvent, create_publisher
 from tasks.webhooks import publish_deliveries
+from weights.paths import resolve_model_path
 from workers.attempts import AttemptMaker
 from workers.batcher import MicroBatcher, WorkItem
+from workers.breaker import BreakerHook
 from workers.engines import Engine, StepEngine, create_engine
 from workers.executor import BatchExecutor
-from workers.fallbacks import BreakerHook
 from workers.feeder import ContinuousFeeder, exit_wedged
 from workers.leases import Leases
 from workers.streaming import TokenRelay
@@ -36,10 +37,13 @@ from workers.writer import BatchWriter
 
 
 class WorkerRuntime:
-    """Owns the engine for one model; the consumer hands it requests.
+    """Owns one model's engine; the consumer step hands it requests (:meth:`submit`).
 
     How requests reach the engine follows the engine's kind: a continuous engine (vLLM) is fed
-    as requests arrive (workers.feeder); a static one gets micro-batches (workers.batcher).
+    as requests arrive, and claims tenants' queued requests ahead of their messages for fair
+    turns (``workers.feeder``, ``workers.fairness``); a static one gets micro-batches
+    (``workers.batcher``, ``workers.executor``). Either way the writer commits results with
+    their ledger rows, then runs its hooks, and only then does a request's future resolve.
     """
 
     def __init__(
@@ -129,13 +133,13 @@ class WorkerRuntime:
             sessions=sessions,
             worker_name=name,
             publish_deliveries=partial(publish_deliveries, celery),
-            publish_runs=partial(publish_by_model, celery, config),
+            publish_runs=partial(publish_runs, celery, config),
             leases=Leases.from_settings(settings, sessions, worker=name),
             relay=TokenRelay(create_publisher(settings), name=f"inferq-tokens-{model}"),
             stall_s=settings.engine_stall_s,
         )
-        health = ModelHealth.create(settings, config.breaker)
-        runtime.writer.add_commit_hook(BreakerHook(health, model))
+        breaker = Breaker.create(settings, config.breaker)
+        runtime.writer.add_commit_hook(BreakerHook(breaker, model))
         runtime.writer.add_commit_hook(TokenBudget.create(settings).settle)
         pool = PoolSampler.from_settings(settings)
         if pool is not None:
@@ -149,7 +153,13 @@ class WorkerRuntime:
             self.relay.start()
         self.feed.start()
 
+    def progressing(self) -> bool:
+        """False once the engine has been stuck past ``stall_s`` (the feed's or executor's
+        check, which also stops lease renewal): what a liveness probe asks."""
+        return self.leases.progressing()
+
     def submit(self, message: RunMessage) -> Future[Outcome]:
+        """Run a request; the future resolves once its outcome is committed."""
         future = self.feed.submit(message)
         request_id = uuid.UUID(message.request_id)
         future.add_done_callback(lambda _: self.leases.release(request_id))

@@ -29,10 +29,10 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq import signing
-from inferq.netguard import GuardedTransport, HostNotResolved, UnsafeURL, check_url, deadline
-from inferq.settings import Settings
-from storage.models import as_utc, utcnow
+from core import signing
+from core.netguard import GuardedTransport, HostNotResolved, UnsafeURL, check_url, deadline
+from core.settings import Settings
+from storage.tables import as_utc, utcnow
 from storage.webhooks import (
     DeliveryStatus,
     Outgoing,

@@ -25,10 +25,10 @@ from dataclasses import dataclass, replace
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from inferq.enums import Outcome
+from core.enums import Outcome
 from storage.events import close_finished_jobs, request_completed
 from storage.ledger import Attempt, record_batch
-from storage.models import utcnow
+from storage.tables import utcnow
 from tasks.contract import RunMessage
 from workers.batcher import WorkItem
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from alembic import context
 
-import storage.eval_models
+import storage.eval_tables
 import storage.openai_files
 import storage.webhooks  # noqa: F401  (its tables join Base.metadata)
 from storage.db import make_engine
-from storage.models import Base
+from storage.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

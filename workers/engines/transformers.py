@@ -12,26 +12,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inferq.models import encode_prompts
 from router.config import ModelSpec
 from tasks.contract import EngineRequest
+from weights.tokens import encode_prompts
 from workers.engines.base import Generation
 
 OPTIONS = frozenset({"device", "dtype", "attn_implementation"})
 SCORE_ROWS = 64  # prompt+choice rows per forward when scoring choices
-
-
-@dataclass(frozen=True, slots=True)
-class _Rows:
-    """What one ``generate`` call made: per request, its prompt length and its rows."""
-
-    prompt_lens: list[int]
-    rows: list[list[list[int]]]
-    first_token_s: float
 
 
 class TransformersEngine:

@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from inferq.models import encode_prompts
 from router.config import ModelSpec
 from tasks.contract import EngineRequest
+from weights.tokens import encode_prompts
 from workers.engines.base import Admission, Generation, StepOutput
 
 _ENV_DEFAULTS = {

@@ -1,1 +1,0 @@
-"""Output quality: PII stripping, the evaluation pool, scoring and a trainable tiny model."""

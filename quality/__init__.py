@@ -1,0 +1,1 @@
+"""Output quality: PII stripping, the evaluation pool, scoring, and evaluation runs."""

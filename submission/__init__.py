@@ -1,0 +1,2 @@
+"""Getting requests onto the queues: check, route, commit, then publish; limits; the services
+every process that submits builds once."""
