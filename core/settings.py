@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     # Prefix for every Redis key the broker uses: lets deployments (or test sessions) share
     # one Redis without seeing each other's queues.
     broker_key_prefix: str = ""
+    # Redis Sentinel, for a highly available broker: a ``sentinel://`` broker URL names the
+    # sentinels (``sentinel://:PASSWORD@s1:26379/0;sentinel://:PASSWORD@s2:26379/0``), this
+    # the master they watch; ``broker_sentinel_password`` is the sentinels' own, if any.
+    broker_master_name: str = ""
+    broker_sentinel_password: str = ""
     # Bounded long-poll on GET /v1/requests/{id}?wait=...; a tenant holds at most
     # ``max_waits_per_tenant`` long polls (and waiting chat completions) per API process.
     max_wait_s: float = 30.0
@@ -96,6 +101,11 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = 5.0
     max_deliveries: int = 5
     reconciler: bool = True
+    # On SIGTERM a worker takes no more messages, hands back at once what it holds unstarted,
+    # and lets its engine finish what it runs for up to this long (unset: the model's
+    # ``timeout_s``, or 120 s); then commits, acknowledges and exits. A supervisor must wait
+    # this plus ~30 s (Kubernetes terminationGracePeriodSeconds, compose stop_grace_period).
+    drain_grace_s: float | None = Field(default=None, gt=0)
     # A continuous engine holding requests that returns no step for this long is wedged:
     # the worker exits non-zero (its supervisor restarts it; the reconciler re-runs its work).
     engine_stall_s: float = Field(default=60.0, gt=0)
@@ -159,6 +169,12 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.cache_dir / 'inferq.db'}"
         if not self.broker_url:
             self.broker_url = MEMORY_BROKER
+        return self
+
+    @model_validator(mode="after")
+    def _sentinel_needs_a_master(self) -> Settings:
+        if self.broker_url.startswith("sentinel://") and not self.broker_master_name:
+            raise ValueError("a sentinel:// broker URL needs INFERQ_BROKER_MASTER_NAME")
         return self
 
     @property

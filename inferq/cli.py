@@ -110,6 +110,7 @@ def worker(
     from tasks.app import create_celery
     from tasks.queues import FixedQueue
     from workers.consumer import serve
+    from workers.drain import drain_grace_s
     from workers.metrics import WorkerMetrics
     from workers.probes import Probes
     from workers.runtime import WorkerRuntime
@@ -130,7 +131,9 @@ def worker(
     if metrics is not None:
         runtime.writer.add_commit_hook(metrics.observe)
     scheduled.register(app, settings)  # every worker consumes the maintenance queue
-    option = serve(app, {model: runtime})
+    # SIGTERM drains: no new messages, the engine finishes, the rest is handed back.
+    grace = {model: drain_grace_s(settings, config.models[model])}
+    option = serve(app, {model: runtime}, drain=grace)
     runtime.start()
     probes.started(runtime.progressing)
     try:
@@ -145,6 +148,20 @@ def worker(
     finally:
         runtime.stop()
         engine.dispose()
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+@pass_settings
+def flower(settings: Settings, flower_args: tuple[str, ...]) -> None:
+    """Run Flower (its options follow, e.g. --port=5555) on inferq's Celery app, so it knows
+    every model's queues, the broker's key prefix and transport options, not only the broker
+    URL. Needs the broker and the models config, not the database."""
+    from tasks.app import create_celery
+
+    if settings.embedded:
+        raise click.UsageError("Flower needs INFERQ_BROKER_URL (e.g. redis://...)")
+    sys.exit(create_celery(settings, _config(settings)).start(["flower", *flower_args]))
 
 
 @main.command()

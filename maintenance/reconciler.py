@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -25,12 +26,13 @@ from storage import reconcile
 from storage.events import close_finished_jobs
 from storage.tables import utcnow
 from tasks.app import publish_runs
+from tasks.holdings import redis_client, take_dead
 from tasks.rows import run_messages
 from tasks.webhooks import publish_deliveries
 
 log = logging.getLogger(__name__)
 
-BATCH_LIMIT = 5000
+BATCH_LIMIT = 5000  # requests of each model re-published in one pass, at most
 _NEVER = timedelta(days=365 * 100)
 
 
@@ -92,7 +94,10 @@ class Reconciler:
             jobs = reconcile.expire_overdue(session, now)
             deliveries = close_finished_jobs(session, jobs, now) if jobs else []
         publish_deliveries(self._celery, deliveries)
+        orphaned = self._take_orphaned()
         with self._sessions.begin() as session:
+            if orphaned:  # sent below with what else is lost, not after the queued lease
+                reconcile.forget_publish(session, orphaned)
             lost = reconcile.take_lost(
                 session,
                 now,
@@ -105,3 +110,13 @@ class Reconciler:
         if messages:
             publish_runs(self._celery, self._config, messages)
         return Pass(republished=len(messages), expired=len(jobs))
+
+    def _take_orphaned(self) -> list[uuid.UUID]:
+        """The requests dead workers held (``tasks.holdings``): prefetched messages that
+        would otherwise sit unacknowledged in Redis for the visibility timeout."""
+        try:
+            with redis_client(self._celery) as client:
+                return [] if client is None else take_dead(client)
+        except Exception:  # Redis is away: the queued lease still brings them back
+            log.warning("reading the workers' holdings failed", exc_info=True)
+            return []

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, Text, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import JSON, Text, and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.enums import OPEN_STATUSES, Outcome, RequestStatus, TaskKind
@@ -121,6 +121,34 @@ def claim(
             .execution_options(synchronize_session=False)
         )
     return {request_id for request_id, deliveries in rows if deliveries <= max_deliveries}
+
+
+def hand_back(
+    session: Session,
+    request_ids: Sequence[uuid.UUID],
+    at: datetime,
+    *,
+    worker: str | None,
+    ran: bool,
+) -> set[uuid.UUID]:
+    """A stopping worker gives back requests it holds and return those to publish again now.
+
+    Queued ones (received, never claimed) and running ones this ``worker`` claimed go back to
+    ``queued`` with a fresh lease; one it never started (``ran`` false) does not count as a
+    delivery. A request another worker claimed meanwhile, or that finished, is left alone.
+    """
+    mine = and_(Request.status == RequestStatus.RUNNING, Request.claimed_by == worker)
+    deliveries: Any = Request.deliveries
+    if not ran:
+        deliveries = case((mine, Request.deliveries - 1), else_=Request.deliveries)
+    rows = session.execute(
+        update(Request)
+        .where(Request.id.in_(request_ids), or_(Request.status == RequestStatus.QUEUED, mine))
+        .values(status=RequestStatus.QUEUED, published_at=at, deliveries=deliveries)
+        .returning(Request.id)
+        .execution_options(synchronize_session=False)
+    )
+    return set(rows.scalars())
 
 
 def record_batch(session: Session, attempts: Sequence[Attempt]) -> list[Outcome]:

@@ -39,7 +39,8 @@ def scratch_database(admin_url: str, prefix: str = "inferq_scratch") -> Iterator
     """
     admin = make_url(normalise_url(admin_url))
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    conninfo = admin.set(drivername="postgresql").render_as_string(hide_password=False)
+    plain = admin.set(drivername="postgresql").difference_update_query(["prepare_threshold"])
+    conninfo = plain.render_as_string(hide_password=False)  # libpq knows no prepare_threshold
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Collection
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Select, Update, select, update
 from sqlalchemy.orm import Session
 
 from core.enums import OPEN_STATUSES, RequestStatus
@@ -33,40 +33,52 @@ def take_lost(
 ) -> list[Request]:
     """Lock requests whose lease ran out, renew it, and return them to re-publish.
 
-    Only requests for ``models`` (those this reconciler's config knows how to send).
+    Only requests for ``models`` (those this reconciler's config knows how to send), at most
+    ``limit`` of each model in one call, oldest lease first.
     """
-    rows = list(
-        session.scalars(
-            select(Request)
-            .where(
-                Request.model.in_(models),
-                or_(
-                    and_(
-                        Request.status == RequestStatus.QUEUED,
-                        or_(
-                            Request.published_at.is_(None),
-                            Request.published_at < now - queued_lease,
-                        ),
-                    ),
-                    and_(
-                        Request.status == RequestStatus.RUNNING,
-                        Request.published_at < now - running_lease,
-                    ),
-                ),
-            )
-            .order_by(Request.created_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-    )
+    rows: list[Request] = []
+    for model in sorted(models):
+        taken = 0
+        for query in lapsed_queries(
+            now, model=model, queued_lease=queued_lease, running_lease=running_lease
+        ):
+            if taken >= limit:
+                break
+            found = session.scalars(
+                query.limit(limit - taken).with_for_update(skip_locked=True)
+            ).all()
+            taken += len(found)
+            rows += found
     for row in rows:
         row.status, row.published_at = RequestStatus.QUEUED, now
     return rows
 
 
-def expire_overdue(session: Session, now: datetime) -> set[uuid.UUID]:
-    """Queued requests past their deadline never run; return the jobs they belong to."""
-    rows = session.execute(
+def lapsed_queries(
+    now: datetime, *, model: str, queued_lease: timedelta, running_lease: timedelta
+) -> list[Select[Request]]:
+    """One model's lapsed leases, as three range scans of ``ix_requests_lease``.
+
+    Each names one status, the model and one bound on ``published_at``, so it reads only the
+    rows it returns: never the lease of every queued request (one ``OR`` across statuses or
+    across ``NULL`` and a bound would). ``bench.reconcile_scan`` shows the plans.
+    """
+    lapses = (
+        (RequestStatus.QUEUED, Request.published_at.is_(None)),  # its publish failed
+        (RequestStatus.QUEUED, Request.published_at < now - queued_lease),  # message lost
+        (RequestStatus.RUNNING, Request.published_at < now - running_lease),  # worker died
+    )
+    return [
+        select(Request)
+        .where(Request.status == status, Request.model == model, lapsed)
+        .order_by(Request.published_at)
+        for status, lapsed in lapses
+    ]
+
+
+def overdue_update(now: datetime) -> Update:
+    """Queued requests past their deadline, marked expired (``ix_requests_deadline``)."""
+    return (
         update(Request)
         .where(
             Request.status == RequestStatus.QUEUED,
@@ -77,6 +89,11 @@ def expire_overdue(session: Session, now: datetime) -> set[uuid.UUID]:
         .returning(Request.job_id)
         .execution_options(synchronize_session=False)
     )
+
+
+def expire_overdue(session: Session, now: datetime) -> set[uuid.UUID]:
+    """Queued requests past their deadline never run; return the jobs they belong to."""
+    rows = session.execute(overdue_update(now))
     return {job_id for job_id in rows.scalars() if job_id is not None}
 
 

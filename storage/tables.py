@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -122,7 +123,16 @@ class Request(Base):
     __tablename__ = "requests"
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_requests_tenant_idempotency"),
-        Index("ix_requests_status_model", "status", "model"),
+        # The reconciler's scans (storage.reconcile): lapsed leases of a status and model, and
+        # queued requests past a deadline (few requests have one, so only those are indexed).
+        Index("ix_requests_lease", "status", "model", "published_at"),
+        Index(
+            "ix_requests_deadline",
+            "status",
+            "deadline_at",
+            postgresql_where=text("deadline_at IS NOT NULL"),
+            sqlite_where=text("deadline_at IS NOT NULL"),
+        ),
         # Fair claims: the tenants waiting on a model, each one's oldest first (storage.requests).
         Index("ix_requests_fair_order", "status", "model", "priority", "tenant_id", "created_at"),
     )

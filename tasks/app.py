@@ -17,6 +17,7 @@ from kombu import Queue
 from core.enums import Priority
 from core.settings import Settings
 from router.config import RouterConfig
+from tasks.broker_redis import transport_options
 from tasks.contract import RUN_TASK_NAME, RunMessage
 from tasks.queues import FixedQueue, interactive_queue, model_queue, model_queues
 
@@ -63,6 +64,7 @@ def create_celery(settings: Settings, config: RouterConfig) -> Celery:
                 if settings.broker_key_prefix
                 else {}
             ),
+            **transport_options(settings),  # Redis Sentinel's master name
         },
         broker_connection_retry_on_startup=True,
         worker_send_task_events=settings.task_events,  # Flower's per-task view

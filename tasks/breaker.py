@@ -18,6 +18,7 @@ import redis
 
 from core.settings import Settings
 from router.config import BreakerSpec
+from tasks.broker_redis import redis_client, uses_redis
 
 
 class _Store(Protocol):
@@ -39,8 +40,8 @@ class Breaker:
     def create(cls, settings: Settings, spec: BreakerSpec) -> Breaker:
         """On the broker's Redis in service mode; in this process when embedded."""
         store: _Store
-        if settings.broker_url.startswith(("redis://", "rediss://")):
-            store = redis.Redis.from_url(settings.broker_url)
+        if uses_redis(settings):
+            store = redis_client(settings)
         else:
             store = _MemoryStore()
         return cls(store, prefix=settings.broker_key_prefix, spec=spec)

@@ -22,6 +22,7 @@ import redis
 from core.enums import Outcome
 from core.settings import Settings
 from storage.ledger import Attempt
+from tasks.broker_redis import redis_client, uses_redis
 from tasks.contract import EngineRequest
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ class TokenBudget:
     @classmethod
     def create(cls, settings: Settings) -> TokenBudget:
         counter: Counter
-        if settings.broker_url.startswith(("redis://", "rediss://")):
-            counter = RedisCounter(redis.Redis.from_url(settings.broker_url))
+        if uses_redis(settings):
+            counter = RedisCounter(redis_client(settings))
         else:
             counter = MemoryCounter()
         return cls(settings, counter)

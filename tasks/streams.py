@@ -29,6 +29,7 @@ import redis.asyncio
 from redis.typing import EncodableT, FieldT
 
 from core.settings import Settings
+from tasks.broker_redis import async_redis_client, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,8 @@ def create_publisher(settings: Settings) -> StreamPublisher:
     """Redis for a ``redis://`` broker, the process's memory hub for ``memory://``."""
     if settings.embedded:
         return memory_hub(settings)
-    client = redis.Redis.from_url(
-        settings.broker_url,
-        socket_timeout=REDIS_TIMEOUT_S,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
+    client = redis_client(
+        settings, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
     )
     return RedisPublisher(client, settings.broker_key_prefix)
 
@@ -95,9 +94,7 @@ def create_reader(settings: Settings) -> StreamReader:
     if settings.embedded:
         return memory_hub(settings)
     # No socket timeout: a blocking read waits on the server for up to its block_s.
-    client = redis.asyncio.Redis.from_url(
-        settings.broker_url, socket_connect_timeout=REDIS_TIMEOUT_S
-    )
+    client = async_redis_client(settings, socket_connect_timeout=REDIS_TIMEOUT_S)
     return RedisReader(client, settings.broker_key_prefix)
 
 

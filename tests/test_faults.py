@@ -6,15 +6,19 @@ committed must be in the ledger. Each test prints its figures (run with ``-s``).
 
 from __future__ import annotations
 
+import re
+import signal
+import socket
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+import redis
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.enums import OPEN_STATUSES, Outcome, Priority, RequestStatus, TaskKind
@@ -23,8 +27,9 @@ from storage.db import make_engine, make_sessionmaker
 from storage.migrate import upgrade
 from storage.tables import Job, LedgerEntry, Request
 from tasks.app import create_celery
+from tasks.holdings import HOLDERS_KEY, held_key
 from tasks.rows import run_message
-from tests.conftest import NewTenant, new_tenant, publish_bundled, wait_for
+from tests.conftest import NewTenant, Process, new_tenant, publish_bundled, stop, wait_for
 from tests.faultkit import (
     DRAIN_TIMEOUT_S,
     PostgresServer,
@@ -500,3 +505,207 @@ def test_vllm_workers_killed_mid_batch_five_times(
     )
     assert all(held), f"a kill found its worker between batches: {held}"
     assert figures.by_status == {"succeeded": JOB_SIZE}
+
+
+# --- scaling events: SIGTERM drains, a new worker joins, SIGKILL loses no prefetched work ---
+
+DRAIN_CONFIG = """
+models:
+  drained:
+    engine: scripted
+    path: "builtin:tiny"
+    max_batch_size: 8
+    batch_window_ms: 20
+    timeout_s: 5
+    options: {delay_ms: 150}
+  drained_steps:
+    engine: scripted
+    path: "builtin:tiny"
+    max_batch_size: 8
+    batch_window_ms: 20
+    timeout_s: 5
+    options: {continuous: true, step_ms: 30}
+routes:
+  - {task: "*", model: drained}
+breaker: {failures: 100000}
+"""
+DRAIN_PREFIX = "drain:"
+# Leases far longer than any wait below: a request that waited for one fails the test.
+LONG_LEASES = {
+    "running_lease_s": 600,
+    "queued_lease_s": 600,
+    "reconcile_interval_s": 1,
+    "broker_key_prefix": DRAIN_PREFIX,
+}
+SCALE_JOB = 400
+
+
+@pytest.fixture(scope="module")
+def drain_stack(
+    postgres: PostgresServer, broker: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """An API of its own, for models no other test's reconciler knows, under long leases."""
+    log_dir = tmp_path_factory.mktemp("drain-logs")
+    config = log_dir / "drain.yaml"
+    config.write_text(DRAIN_CONFIG)
+    built = Stack.build(
+        database_url=postgres.url,
+        broker_url=broker.url,
+        config=config,
+        log_dir=log_dir,
+        **LONG_LEASES,
+    )
+    built.api()
+    yield built
+    built.stop_all()
+
+
+def workers(stack: Stack, model: str, count: int) -> list[Process]:
+    started = [stack.worker(model, wait=False) for _ in range(count)]
+    for process in started:
+        stack.wait_ready(process)
+    return started
+
+
+def holding_queued(
+    broker: RedisServer, db: sessionmaker[Session], process: Process, model: str
+) -> set[uuid.UUID]:
+    """Requests a worker received (its holdings record, tasks.holdings) and never claimed."""
+    client = redis.Redis(port=broker.port, socket_timeout=5)
+    mine = f"{model}@{socket.gethostname()}:{process.proc.pid}/"
+    holders = [h.decode() for h in client.zrange(f"{DRAIN_PREFIX}{HOLDERS_KEY}", 0, -1)]
+    ids: set[uuid.UUID] = set()
+    for holder in (h for h in holders if h.startswith(mine)):
+        ids |= {uuid.UUID(m.decode()) for m in client.smembers(DRAIN_PREFIX + held_key(holder))}
+    with db() as session:
+        query = select(Request.id).where(
+            Request.id.in_(ids), Request.status == RequestStatus.QUEUED
+        )
+        return set(session.scalars(query))
+
+
+def lapse_running_leases(db: sessionmaker[Session], worker: str) -> None:
+    """Date back the lease of what ``worker`` was running, as if its running lease had passed."""
+    with db.begin() as session:
+        session.execute(
+            update(Request)
+            .where(Request.status == RequestStatus.RUNNING, Request.claimed_by == worker)
+            .values(published_at=datetime.now(UTC) - timedelta(days=1))
+        )
+
+
+def ran_on(db: sessionmaker[Session], tenant: NewTenant, process: Process) -> int:
+    with db() as session:
+        query = select(func.count()).where(
+            LedgerEntry.tenant_id == tenant.id,
+            LedgerEntry.worker.endswith(f":{process.proc.pid}"),
+        )
+        return int(session.scalar(query) or 0)
+
+
+@pytest.mark.parametrize("model", ["drained", "drained_steps"])
+def test_sigterm_mid_job_drains_and_hands_back(
+    drain_stack: Stack,
+    broker: RedisServer,
+    db: sessionmaker[Session],
+    tenant: NewTenant,
+    model: str,
+) -> None:
+    """Both engine kinds: static (micro-batcher) and continuous (intake and feeder)."""
+    stopping, staying = workers(drain_stack, model, 2)
+    begun = time.monotonic()
+    submit_job(drain_stack.url, tenant, prompts(SCALE_JOB), model=model)
+    wait_for(
+        lambda: (
+            stopping.proc.pid in held_by(db, tenant)
+            and bool(holding_queued(broker, db, stopping, model))
+        ),
+        timeout=120,
+        what="the worker to stop to run requests and hold more it has not started",
+    )
+    stopping.proc.send_signal(signal.SIGTERM)
+    exit_code = stopping.proc.wait(timeout=60)
+    drained_s = drain(db, tenant, SCALE_JOB, begun)  # bounded far below every lease
+    figures = check_invariant(db, tenant.id, expected=SCALE_JOB)
+    handed = re.findall(r"handed back (\d+) unstarted, (\d+) cut short", stopping.log.read_text())
+    stop(staying)
+    figures.show(
+        f"SIGTERM mid-job ({model})",
+        exit_code=exit_code,
+        handed_back=handed,
+        ran_by_the_stopped=ran_on(db, tenant, stopping),
+        seconds_to_drain=drained_s,
+    )
+    assert exit_code == 0, stopping.tail()
+    # It drained. Whether it held unstarted work at that moment is timing: tests/test_drain.py
+    # hands back deterministically; here, whatever it held ran with no lease waited out.
+    assert handed, stopping.tail()
+    assert figures.by_status == {"succeeded": SCALE_JOB}
+    assert figures.duplicate_executions == 0
+
+
+def test_worker_started_mid_job_takes_a_share(
+    drain_stack: Stack, db: sessionmaker[Session], tenant: NewTenant
+) -> None:
+    [first] = workers(drain_stack, "drained", 1)
+    begun = time.monotonic()
+    submit_job(drain_stack.url, tenant, prompts(2 * SCALE_JOB), model="drained")
+    wait_for(lambda: succeeded(db, tenant) >= 40, timeout=120, what="the job to be under way")
+    joined = drain_stack.worker("drained", wait=False)
+    share_s = seconds_until(
+        lambda: ran_on(db, tenant, joined) > 0,
+        since=time.monotonic(),
+        timeout=120,
+        what="the new worker to run part of the job",
+    )
+    drained_s = drain(db, tenant, 2 * SCALE_JOB, begun)
+    figures = check_invariant(db, tenant.id, expected=2 * SCALE_JOB)
+    shares = [ran_on(db, tenant, p) for p in (first, joined)]
+    for process in (first, joined):
+        stop(process)
+    figures.show(
+        "worker joins mid-job",
+        shares=shares,
+        seconds_from_start_to_first_result=share_s,
+        seconds_to_drain=drained_s,
+    )
+    assert figures.by_status == {"succeeded": 2 * SCALE_JOB}
+    assert shares[1] > 0
+
+
+def test_sigkill_prefetched_work_runs_again_before_the_queued_lease(
+    drain_stack: Stack,
+    broker: RedisServer,
+    db: sessionmaker[Session],
+    tenant: NewTenant,
+) -> None:
+    killed, staying = workers(drain_stack, "drained", 2)
+    begun = time.monotonic()
+    submit_job(drain_stack.url, tenant, prompts(SCALE_JOB), model="drained")
+    prefetched: set[uuid.UUID] = set()
+
+    def holds_unclaimed() -> bool:
+        prefetched.update(holding_queued(broker, db, killed, "drained"))
+        return bool(prefetched)
+
+    wait_for(holds_unclaimed, timeout=120, what="the worker to hold prefetched requests")
+    killed_at = kill9(killed)
+    rerun_s = seconds_until(
+        lambda: all_finished(db, prefetched),
+        since=killed_at,
+        timeout=120,  # the queued lease is 600 s
+        what="the killed worker's prefetched requests to run elsewhere",
+    )
+    # What it had started waits for the running lease (600 s in this stack, 20 s by default),
+    # so that no worker merely presumed dead is run over: lapse that lease now.
+    lapse_running_leases(db, f"drained@{socket.gethostname()}:{killed.proc.pid}")
+    drained_s = drain(db, tenant, SCALE_JOB, begun)
+    figures = check_invariant(db, tenant.id, expected=SCALE_JOB)
+    stop(staying)
+    figures.show(
+        "SIGKILL with prefetched messages",
+        prefetched_unclaimed=len(prefetched),
+        seconds_to_run_them=rerun_s,
+        seconds_to_drain=drained_s,
+    )
+    assert figures.by_status == {"succeeded": SCALE_JOB}

@@ -47,6 +47,8 @@ class MicroBatcher:
         self._window_s = window_s
         self._buffer: queue.SimpleQueue[WorkItem] = queue.SimpleQueue()
         self._stopping = threading.Event()
+        self._current: list[WorkItem] = []  # the batch the executor runs
+        self._untaken: list[WorkItem] = []  # taken from the buffer as the batcher stopped
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def submit(self, message: RunMessage) -> Future[Outcome]:
@@ -59,21 +61,45 @@ class MicroBatcher:
     def start(self) -> None:
         self._thread.start()
 
+    def drain(self, deadline: float) -> tuple[list[WorkItem], list[WorkItem]]:
+        """Take no more batches; the one running may finish until ``deadline`` (monotonic).
+        Returns what was buffered and never started, and the running batch if it had not
+        finished by then, with their futures pending: the caller hands them back."""
+        self._stopping.set()
+        self._thread.join(max(deadline - time.monotonic(), 0.0))
+        running = self._current if self._thread.is_alive() else []  # else with the writer
+        cut = [item for item in running if not item.future.done()]
+        if cut:
+            log.warning("drain: a batch of %d was still running at the deadline", len(cut))
+        return self._untaken + self._take_buffered(), cut
+
+    def _take_buffered(self) -> list[WorkItem]:
+        items = []
+        while True:
+            try:
+                items.append(self._buffer.get_nowait())
+            except queue.Empty:
+                return items
+
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
         self._thread.join(timeout)
-        while True:  # nothing buffered is run any more; its messages stay unacknowledged
-            try:
-                item = self._buffer.get_nowait()
-            except queue.Empty:
-                break
-            item.future.set_exception(RuntimeError("worker stopped before running this request"))
+        # Nothing buffered is run any more; its messages stay unacknowledged.
+        for item in self._untaken + self._take_buffered():
+            if not item.future.done():
+                item.future.set_exception(
+                    RuntimeError("worker stopped before running this request")
+                )
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
             batch = self._take()
             if not batch:
                 continue
+            if self._stopping.is_set():
+                self._untaken = batch
+                return
+            self._current = batch
             try:
                 self._execute(batch)
             except Exception as exc:  # the executor handles its own errors; this is a bug

@@ -11,7 +11,9 @@ unacknowledged messages go back to the queue on shutdown or after the visibility
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
@@ -19,10 +21,12 @@ from typing import Any
 
 from celery import Celery, bootsteps
 from kombu import Consumer, Message, Queue
+from kombu.common import ignore_errors
 
 from core.enums import Outcome
 from tasks.contract import RUN_TASK_NAME, RunMessage
 from tasks.queues import interactive_queue, model_queue
+from workers.control import report_queues
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -32,6 +36,9 @@ log = logging.getLogger(__name__)
 # ``app.Worker(..., inferq_runtimes={model: runtime})``. Celery passes worker options on to
 # every consumer step, so the runtimes reach the step without being kept on the app.
 RUNTIMES_OPTION = "inferq_runtimes"
+# With it, stopping (SIGTERM) drains: ``{model: grace seconds}`` (see ``workers.drain``).
+DRAIN_OPTION = "inferq_drain_grace_s"
+COMMIT_S = 30.0  # after the grace, for the last results to commit
 
 
 class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
@@ -42,11 +49,16 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         self._runtimes: dict[str, WorkerRuntime] = dict(kwargs.get(RUNTIMES_OPTION) or {})
+        self._grace: dict[str, float] | None = kwargs.get(DRAIN_OPTION)
+        self._credits: list[Credit] = []
 
     def start(self, c: Any) -> None:
         self._hub = c.controller.hub  # None under a synchronous loop (the memory transport)
+        self._acks = _Acks(self._hub)
         self._queues = c.app.amqp.queues
         self._connection = c.connection
+        batch = [model_queue(model) for model in self._runtimes]
+        report_queues(c, [self._queues[q] for m in batch for q in (m, interactive_queue(m))])
         super().start(c)
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
@@ -71,6 +83,7 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             prefetch_count=1,  # then as much as the credit allows
         )
         credit = Credit(bound, partial(_set_prefetch, consumer, self._hub))
+        self._credits.append(credit)
         consumer.register_callback(partial(self._on_message, credit))
         return consumer
 
@@ -90,9 +103,61 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             message.reject(requeue=False)
             return
         credit.took(len(targets))
-        settle = _Settle(len(targets), message, self._hub, credit)
+        settle = _Settle(len(targets), message, self._acks, credit)
         for runtime, run in targets:
             runtime.submit(run).add_done_callback(settle.one_done)
+
+    def stop(self, c: Any) -> None:
+        # Steps also stop when the broker connection is lost, to start again: drain only
+        # when the worker itself stops (warm), not on a cold shutdown.
+        closing = c.controller.blueprint.state == bootsteps.CLOSE
+        if closing and self._grace is not None and self._runtimes:
+            self._drain(c)
+        super().stop(c)
+
+    def _drain(self, c: Any) -> None:
+        """Runs on the worker's main thread once its event loop has stopped: no more
+        messages; engines finish within their grace and hand back the rest; the results
+        commit; then this thread acknowledges. What is still unacknowledged after that goes
+        back to its queue when the channel closes."""
+        assert self._grace is not None
+        for consumer in self.consumers or []:
+            ignore_errors(c.connection, consumer.cancel)
+        started = time.monotonic()
+        for model, runtime in self._runtimes.items():
+            unstarted, cut = runtime.drain(started + self._grace[model])
+            log.info("drain %s: handed back %d unstarted, %d cut short", model, unstarted, cut)
+        until = time.monotonic() + COMMIT_S
+        while any(credit.requests for credit in self._credits) and time.monotonic() < until:
+            self._acks.flush()
+            time.sleep(0.05)
+        self._acks.flush()
+        left = sum(credit.requests for credit in self._credits)
+        log.info("drained in %.1fs; %d requests left unsettled", time.monotonic() - started, left)
+
+
+class _Acks:
+    """Messages to acknowledge: on the event loop while it runs; while the worker drains,
+    its loop stopped, by the draining thread (:meth:`flush`)."""
+
+    def __init__(self, hub: Any) -> None:
+        self._hub = hub
+        self._queue: queue.SimpleQueue[Message] = queue.SimpleQueue()
+
+    def put(self, message: Message) -> None:
+        if self._hub is None:
+            _ack(message)
+            return
+        self._queue.put(message)
+        self._hub.call_soon(self.flush)
+
+    def flush(self) -> None:
+        while True:
+            try:
+                message = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            _ack(message)
 
 
 class Credit:
@@ -144,11 +209,11 @@ def _set_prefetch(consumer: Consumer, hub: Any, count: int) -> None:
 class _Settle:
     """Acknowledges a message on the event loop once every request in it is committed."""
 
-    def __init__(self, count: int, message: Message, hub: Any, credit: Credit) -> None:
+    def __init__(self, count: int, message: Message, acks: _Acks, credit: Credit) -> None:
         self._left = count
         self._failed = False
         self._message = message
-        self._hub = hub
+        self._acks = acks
         self._credit = credit
         self._lock = threading.Lock()
 
@@ -163,10 +228,7 @@ class _Settle:
         self._credit.settled()
         if self._failed:
             return  # left unacknowledged: delivered again later
-        if self._hub is None:
-            _ack(self._message)
-        else:
-            self._hub.call_soon(_ack, self._message)
+        self._acks.put(self._message)
 
 
 def _ack(message: Message) -> None:
@@ -179,8 +241,11 @@ def _ack(message: Message) -> None:
         log.warning("could not acknowledge a message: its connection is gone", exc_info=True)
 
 
-def serve(app: Celery, runtimes: dict[str, WorkerRuntime]) -> dict[str, Any]:
+def serve(
+    app: Celery, runtimes: dict[str, WorkerRuntime], *, drain: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Make the app's workers feed these runtimes from their models' queues; returns the
-    option to start the worker with (``app.Worker(..., **serve(app, runtimes))``)."""
+    options to start the worker with (``app.Worker(..., **serve(app, runtimes))``). With
+    ``drain`` (grace seconds by model), stopping drains (``workers.drain``)."""
     app.steps["consumer"].add(BatchConsumer)
-    return {RUNTIMES_OPTION: dict(runtimes)}
+    return {RUNTIMES_OPTION: dict(runtimes), DRAIN_OPTION: drain}

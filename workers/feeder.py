@@ -100,6 +100,12 @@ class ContinuousFeeder:
         self._step_started: float | None = None  # monotonic, while a step runs
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        # Draining (SIGTERM): nothing enters the engine; what runs may until ``_drain_by``
+        # (monotonic); what waited, and what is cut short then, is kept for the caller.
+        self._drain_by: float | None = None
+        self._drained = threading.Event()
+        self._handed: list[WorkItem] = []
+        self._cut: list[WorkItem] = []
         self.intake = Intake(
             bound=engine.slots + max(4, spec.max_batch_size // 4),
             interactive_extra=max(2, engine.slots - self._batch_slots),
@@ -121,6 +127,17 @@ class ContinuousFeeder:
         self.intake.start()
         self._thread.start()
         self._watchdog.start()
+
+    def drain(self, deadline: float) -> tuple[list[WorkItem], list[WorkItem]]:
+        """Take no more work; what is in the engine runs on until ``deadline`` (monotonic),
+        then is aborted. Returns what was held but never started and what was cut short, with
+        their futures pending: the caller hands them back."""
+        unclaimed = self.intake.stop()
+        self._drain_by = deadline
+        self._wake.set()
+        if not self._drained.wait(max(deadline - time.monotonic(), 0.0) + 5.0):
+            log.error("the engine did not empty by the drain's deadline")
+        return unclaimed + self._handed, self._cut
 
     def stop(self) -> None:
         """Stop; nothing unfinished is acknowledged, so its messages are delivered again."""
@@ -154,7 +171,10 @@ class ContinuousFeeder:
         next_due_check = time.monotonic()
         while not self._stopping.is_set():
             self._wake.clear()
-            self._add_ready()
+            if self._drain_by is None:
+                self._add_ready()
+            else:
+                self._drain_step(self._drain_by)
             self._abort_stopped()
             if time.monotonic() >= next_due_check:
                 self._abort_overdue()
@@ -163,6 +183,23 @@ class ContinuousFeeder:
                 self._step()
             else:
                 self._wake.wait(_IDLE_WAIT_S)
+
+    def _drain_step(self, deadline: float) -> None:
+        """While draining: what waits to enter is set aside, and at the deadline what still
+        runs is aborted and set aside too."""
+        for ready in self.intake.ready.values():
+            while ready:
+                self._handed.append(ready.popleft())
+        while self._suspects:
+            self._handed.append(self._suspects.popleft())
+        if self._running and time.monotonic() >= deadline:
+            ids = list(self._running)
+            log.warning("drain: %d requests still in the engine at the deadline", len(ids))
+            self._engine.abort(ids)
+            self._cut += [self._running.pop(rid).item for rid in ids]
+            self._fresh.clear()
+        if not self._running:
+            self._drained.set()
 
     def _add_ready(self) -> None:
         taken = self._take_ready()

@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.enums import Priority, RequestStatus
 from core.settings import Settings
-from storage.ledger import claim
-from storage.reconcile import renew, stopped_among
+from storage.ledger import claim, hand_back
+from storage.reconcile import forget_publish, renew, stopped_among
 from storage.requests import lock_oldest_queued, queued_tenants
 from tasks.contract import RunMessage
 from tasks.rows import run_messages
@@ -138,6 +138,22 @@ class Leases:
         """Of the requests this worker runs, those to abort (see ``storage.reconcile``)."""
         with self._sessions.begin() as session:
             return stopped_among(session, request_ids, datetime.now(UTC))
+
+    def hand_back(self, request_ids: list[uuid.UUID], *, ran: bool) -> set[uuid.UUID]:
+        """Give back requests this worker holds (see ``storage.ledger.hand_back``); returns
+        those back on ``queued``, for the caller to publish now. Not retried."""
+        with self._sessions.begin() as session:
+            requeued = hand_back(
+                session, request_ids, datetime.now(UTC), worker=self._worker, ran=ran
+            )
+        with self._lock:
+            self._held -= set(request_ids)
+        return requeued
+
+    def forget_published(self, request_ids: list[uuid.UUID]) -> None:
+        """Their publish failed: the reconciler sends them on its next pass."""
+        with self._sessions.begin() as session:
+            forget_publish(session, request_ids)
 
     def release(self, request_id: uuid.UUID) -> None:
         """Its result is committed (or it was never claimed): stop vouching for it."""

@@ -28,9 +28,11 @@ from weights.paths import resolve_model_path
 from workers.attempts import AttemptMaker
 from workers.batcher import MicroBatcher, WorkItem
 from workers.breaker import BreakerHook
+from workers.drain import hand_back
 from workers.engines import Engine, StepEngine, create_engine
 from workers.executor import BatchExecutor
 from workers.feeder import ContinuousFeeder, exit_wedged
+from workers.holdings import Holdings
 from workers.leases import Leases
 from workers.streaming import TokenRelay
 from workers.writer import BatchWriter
@@ -60,8 +62,11 @@ class WorkerRuntime:
         relay: TokenRelay | None = None,
         stall_s: float = 60.0,
         on_wedged: Callable[[str], None] = exit_wedged,
+        holdings: Holdings | None = None,
     ) -> None:
         spec = config.models[model]
+        self.holdings = holdings
+        self._publish_runs = publish_runs
         self.leases = leases or Leases(sessions)
         self.model = model
         self.spec = spec
@@ -137,6 +142,7 @@ class WorkerRuntime:
             leases=Leases.from_settings(settings, sessions, worker=name),
             relay=TokenRelay(create_publisher(settings), name=f"inferq-tokens-{model}"),
             stall_s=settings.engine_stall_s,
+            holdings=Holdings.for_broker(celery, holder=name),
         )
         breaker = Breaker.create(settings, config.breaker)
         runtime.writer.add_commit_hook(BreakerHook(breaker, model))
@@ -148,6 +154,8 @@ class WorkerRuntime:
 
     def start(self) -> None:
         self.leases.start()
+        if self.holdings is not None:
+            self.holdings.start()
         self.writer.start()
         if self.relay is not None:
             self.relay.start()
@@ -160,13 +168,27 @@ class WorkerRuntime:
 
     def submit(self, message: RunMessage) -> Future[Outcome]:
         """Run a request; the future resolves once its outcome is committed."""
+        if self.holdings is not None:
+            self.holdings.add(message.request_id)
         future = self.feed.submit(message)
-        request_id = uuid.UUID(message.request_id)
-        future.add_done_callback(lambda _: self.leases.release(request_id))
+        future.add_done_callback(partial(self._settled, message.request_id))
         if message.stream and self.relay is not None:
             relay, done = self.relay, [TokenEvent(message.request_id, done=True)]
             future.add_done_callback(lambda _: relay.put(done))  # after the commit
         return future
+
+    def _settled(self, request_id: str, _: Future[Outcome]) -> None:
+        self.leases.release(uuid.UUID(request_id))
+        if self.holdings is not None:
+            self.holdings.discard(request_id)
+
+    def drain(self, deadline: float) -> tuple[int, int]:
+        """Take no more work; the engine finishes what it runs until ``deadline`` (monotonic);
+        what was held unstarted, and what was cut short then, goes back on the queue now
+        (``workers.drain``). Returns how many of each were handed back."""
+        unstarted, cut = self.feed.drain(deadline)
+        back = partial(hand_back, leases=self.leases, publish=self._publish_runs)
+        return back(unstarted, ran=False), back(cut, ran=True)
 
     def _claim_ahead(self, priority: Priority, ahead: dict[str, int], at: float) -> list[WorkItem]:
         """Tenants' requests claimed ahead of their messages (workers.fairness): no message
@@ -183,6 +205,8 @@ class WorkerRuntime:
             self._executor.stop()
         self.writer.stop()
         self.leases.stop()
+        if self.holdings is not None:
+            self.holdings.stop()
         if self.relay is not None:
             self.relay.stop()
         self.engine.close()

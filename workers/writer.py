@@ -183,7 +183,8 @@ class BatchWriter:
         """After a commit: publish what follows from it, release the tasks, run the hooks."""
         self._publish(deliveries, _fallen_back(job, outcomes))
         for item, outcome in zip(job.items, outcomes, strict=True):
-            item.future.set_result(outcome)
+            if not item.future.done():  # else handed back at a drain's deadline
+                item.future.set_result(outcome)
         for hook in self._commit_hooks:
             try:
                 hook(job.attempts, outcomes)

@@ -4,10 +4,15 @@ Rules match a substring of a request's last message (or prompt) and make the bat
 slow, fail or hang, or give that request a fixed ``answer`` (an output to test what reads it).
 Output is otherwise deterministic: a minimal object valid for a JSON schema, the first label
 of a choice, or an echo of the input.
+
+A ``step_curve`` (batch size → seconds a call takes, as measured on a GPU) makes each call
+sleep as long as that GPU would take for its batch: a simulated GPU-bound engine, which like
+a real one releases the GIL while it works (bench/pipeline.py ``--simulate-gpu``).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -34,6 +39,7 @@ class ScriptedEngine:
 
     rules: Sequence[Rule] = ()
     delay_s: float = 0.0
+    step_curve: Sequence[tuple[int, float]] = ()  # (batch size, seconds), ascending
     calls: list[int] = field(default_factory=list)  # batch sizes, for assertions
     matched: dict[int, int] = field(default_factory=dict)  # matches so far, by rule
     _released: threading.Event = field(default_factory=threading.Event)
@@ -41,11 +47,12 @@ class ScriptedEngine:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> ScriptedEngine:
         rules = [Rule(**rule) for rule in options.get("rules", [])]
-        return cls(rules=rules, delay_s=float(options.get("delay_ms", 0)) / 1000)
+        curve = sorted((int(b), float(s)) for b, s in options.get("step_curve", []))
+        return cls(rules=rules, delay_s=float(options.get("delay_ms", 0)) / 1000, step_curve=curve)
 
     def generate(self, requests: Sequence[EngineRequest]) -> list[Generation]:
         self.calls.append(len(requests))
-        delay = self.delay_s
+        delay = max(self.delay_s, curve_seconds(self.step_curve, len(requests)))
         for request in requests:
             text = last_text(request)
             for index, rule in enumerate(self.rules):
@@ -68,6 +75,20 @@ class ScriptedEngine:
 
     def close(self) -> None:
         self._released.set()
+
+
+def curve_seconds(curve: Sequence[tuple[int, float]], batch: int) -> float:
+    """Seconds a call of ``batch`` requests takes on ``curve``: linear between its points,
+    flat below the first, and linear in the batch size past the last (more calls)."""
+    if not curve:
+        return 0.0
+    if batch <= curve[0][0]:
+        return curve[0][1]
+    for (b0, s0), (b1, s1) in itertools.pairwise(curve):
+        if batch <= b1:
+            return s0 + (s1 - s0) * (batch - b0) / (b1 - b0)
+    last_batch, last_s = curve[-1]
+    return last_s * batch / last_batch
 
 
 def last_text(request: EngineRequest) -> str:
