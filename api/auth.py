@@ -97,15 +97,22 @@ class KeyCache:
                 return found[1]
             if self._unknown.get(digest, 0.0) > now:
                 return None
-            self._throttle.take(client, now)
+            # A key resolved before is looked up again once its entry expires (it may have
+            # been revoked) without a throttle token: only keys that once worked get this, so
+            # a flood of made-up keys cannot, and a known client is not refused mid-flood.
+            throttled = found is None
+            if throttled:
+                self._throttle.take(client, now)
         with self._sessions() as session:
             tenant = tenant_for_key(session, key)
         with self._lock:
             if tenant is None:
+                self._found.pop(digest, None)
                 self._unknown[digest] = now + self._ttl_s
                 _bound(self._unknown)
             else:
-                self._throttle.give_back(client)
+                if throttled:
+                    self._throttle.give_back(client)
                 self._found[digest] = (now + self._ttl_s, tenant)
                 _bound(self._found)
         return tenant

@@ -13,6 +13,7 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -202,18 +203,24 @@ def test_a_flood_of_bad_tokens_does_not_reach_postgres_each_time(
         try:
             assert status_with(api, good) == 200
             answers: list[int] = []
+            began = time.monotonic()
             with httpx.Client(base_url=api, timeout=30) as client:
                 for _ in range(500):
                     made_up = f"iq_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
                     headers = {"Authorization": f"Bearer {made_up}"}
                     answers.append(client.get("/v1/models", headers=headers).status_code)
             assert set(answers) <= {401, 429} and 429 in answers
-            assert status_with(api, good) == 200, "a cached key is not throttled"
+            # Its entry expired during the flood (TTL 2 s): looked up again, unthrottled.
+            assert status_with(api, good) == 200, "a known key is not throttled"
+            flood_s = time.monotonic() - began
         finally:
             stop(process)
         scans = _api_key_scans_once_idle(url)
-    print(f"api_keys scans for 500 made-up tokens: {scans}")
-    assert scans < 100, f"{scans} lookups of api_keys for 500 made-up tokens"
+    # The throttle's own bound (the defaults: a burst of 20, then 2 a second), plus the good
+    # key's lookups and the tenant's creation: however slow the machine, far below 500.
+    allowed = 20 + 2 * flood_s + 20
+    print(f"api_keys scans for 500 made-up tokens: {scans} in {flood_s:.1f}s")
+    assert scans <= allowed, f"{scans} lookups of api_keys for 500 made-up tokens"
 
 
 def _api_key_scans_once_idle(url: str) -> int:
