@@ -155,6 +155,9 @@ def service_env(settings: Settings) -> dict[str, str]:
         INFERQ_CACHE_DIR=str(settings.cache_dir),
         INFERQ_MODELS_DIR=str(settings.model_cache),
         INFERQ_BROKER_KEY_PREFIX=settings.broker_key_prefix,
+        # A stopped worker drains what its engine runs for this long at most (in service, the
+        # model's timeout_s): teardowns do not wait on parked or long work.
+        INFERQ_DRAIN_GRACE_S="5",
         PYTHONUNBUFFERED="1",
     )
     return env

@@ -20,6 +20,7 @@ class Trickler:
         self._every_s = every_s
         self._max_bytes = max_bytes
         self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.1)  # accept() wakes to see a close: closing alone won't
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.connections = 0  # connections that sent a request
@@ -38,8 +39,11 @@ class Trickler:
         while not self._stop.is_set():
             try:
                 conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
+            conn.settimeout(None)  # accepted sockets inherit the listener's timeout
             thread = threading.Thread(target=self._trickle, args=(conn,), daemon=True)
             self._threads.append(thread)
             thread.start()

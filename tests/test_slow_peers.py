@@ -31,6 +31,7 @@ from weights.tiny import ensure_tiny_model
 
 DEADLINE_S = 3
 WAIT_CAP = 2
+HOLD_S = 8  # how long the capped polls wait: the probes below run meanwhile
 receiver = hooks.receiver
 celery_app = hooks.celery_app
 
@@ -129,7 +130,7 @@ def test_long_polls_are_capped_per_tenant(sessions: sessionmaker[Session], cappe
 
         def hold(request_id: str) -> None:
             while True:  # a probe below may hold a slot for a moment: retry the 429
-                response = tenant_a.get(f"/v1/requests/{request_id}", params={"wait": 20})
+                response = tenant_a.get(f"/v1/requests/{request_id}", params={"wait": HOLD_S})
                 if response.status_code != 429:
                     held.append(response)
                     return
