@@ -107,6 +107,21 @@ def tenant(db: sessionmaker[Session]) -> NewTenant:
     return new_tenant(db, "faults")
 
 
+def build_stack(
+    database_url: str, broker_url: str, log_dir: Path, config_text: str, **settings: object
+) -> Stack:
+    """A stack on these servers with its own models file (written into ``log_dir``)."""
+    config = log_dir / "models.yaml"
+    config.write_text(config_text)
+    return Stack.build(
+        database_url=database_url,
+        broker_url=broker_url,
+        config=config,
+        log_dir=log_dir,
+        **settings,
+    )
+
+
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
@@ -120,15 +135,8 @@ def stack(
     postgres: PostgresServer, broker: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """The API and a scripted worker, shared by the tests (each repairs what it breaks)."""
-    log_dir = tmp_path_factory.mktemp("fault-logs")
-    config = log_dir / "faults.yaml"
-    config.write_text(CONFIG)
-    built = Stack.build(
-        database_url=postgres.url,
-        broker_url=broker.url,
-        config=config,
-        log_dir=log_dir,
-        **FAST_RECOVERY,
+    built = build_stack(
+        postgres.url, broker.url, tmp_path_factory.mktemp("fault-logs"), CONFIG, **FAST_RECOVERY
     )
     worker = built.worker("scripted", wait=False)
     built.api()
@@ -401,15 +409,7 @@ def vllm_stack(tmp_path: Path) -> Iterator[tuple[Stack, sessionmaker[Session]]]:
     postgres.start()
     upgrade(postgres.url)
     broker.start()
-    config = tmp_path / "faults.yaml"
-    config.write_text(CONFIG)
-    built = Stack.build(
-        database_url=postgres.url,
-        broker_url=broker.url,
-        config=config,
-        log_dir=tmp_path,
-        **VLLM_RECOVERY,
-    )
+    built = build_stack(postgres.url, broker.url, tmp_path, CONFIG, **VLLM_RECOVERY)
     engine = make_engine(postgres.url)
     yield built, make_sessionmaker(engine)
     built.stop_all()
@@ -545,15 +545,8 @@ def drain_stack(
     postgres: PostgresServer, broker: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """An API of its own, for models no other test's reconciler knows, under long leases."""
-    log_dir = tmp_path_factory.mktemp("drain-logs")
-    config = log_dir / "drain.yaml"
-    config.write_text(DRAIN_CONFIG)
-    built = Stack.build(
-        database_url=postgres.url,
-        broker_url=broker.url,
-        config=config,
-        log_dir=log_dir,
-        **LONG_LEASES,
+    built = build_stack(
+        postgres.url, broker.url, tmp_path_factory.mktemp("drain-logs"), DRAIN_CONFIG, **LONG_LEASES
     )
     built.api()
     yield built
