@@ -2,10 +2,12 @@
 
 An upload of more than ``settings.inline_job_lines`` lines is answered at once, its job
 ``validating``, and its raw lines wait in ``job_sources``. The :class:`Admitter` thread takes a
-chunk at a time (a small first one, so the first result comes quickly), read from the source
+chunk at a time (a small first one, so the first result comes quickly; whole bundles of the
+model's ``max_batch_size``, so no part-filled batch is left at a chunk's end), read from the source
 a slice at a time (``api.job_source``: a 200 MB source is never whole in memory), checks it
 with the same code as an inline upload, and in one transaction inserts its requests and
-refused lines and advances the source's cursor; only after the commit does it publish them.
+refused lines and advances the source's cursor; only after the commit does it publish them
+(on a thread of its own, so the next chunk is checked and inserted while one goes out).
 A restart resumes at the cursor, and a crash between commit and publish is the reconciler's
 to repair.
 While a job has ``admission_max_open`` requests waiting it is not admitted further, so a big
@@ -26,6 +28,8 @@ the other jobs go on being admitted.
 from __future__ import annotations
 
 import logging
+import math
+import queue
 import threading
 import time
 import uuid
@@ -44,7 +48,7 @@ from api.line_checks import printable
 from api.openai_lines import OPENAI, refusals
 from core.enums import JobStatus, RequestStatus
 from storage.events import close_finished_jobs
-from storage.openai_files import Batch
+from storage.openai_files import Batch, batch_event
 from storage.tables import Job, JobError, JobSource, Request, utcnow
 from submission.limits import TooBusy
 from submission.prepare import Prepared
@@ -77,7 +81,8 @@ def _check_openai(
     seen: dict[str, int],
 ) -> Checked:
     del source
-    return openai_lines.check_lines(services, job.tenant_id, lines, seen)
+    endpoint = openai_lines.endpoint_of(job)
+    return openai_lines.check_lines(services, job.tenant_id, lines, seen, endpoint=endpoint)
 
 
 CHECKERS: dict[str, Callable[..., Checked]] = {
@@ -120,17 +125,44 @@ class Admitter:
         self._idle_s = idle_s
         self._uploads: dict[uuid.UUID, _Upload] = {}
         self._failing: dict[uuid.UUID, _Failing] = {}
+        self._events: dict[uuid.UUID, list[uuid.UUID]] = {}  # committed, to publish on close
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="inferq-admitter", daemon=True)
+        # Committed chunks to publish, in order, on a thread of their own: the next chunk is
+        # checked and inserted while the last one goes out (a stop publishes what is left).
+        self._to_publish: queue.SimpleQueue[list[Fresh] | None] = queue.SimpleQueue()
+        self._publisher = threading.Thread(
+            target=self._publish_loop, name="inferq-admission-publisher", daemon=True
+        )
 
     def start(self) -> None:
+        self._publisher.start()
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout)
+        self._to_publish.put(None)
+        if self._publisher.is_alive():
+            self._publisher.join(timeout)
+
+    def _publish(self, fresh: list[Fresh]) -> None:
+        """After the commit: to the publisher thread while it runs, else here."""
+        if not fresh:
+            return
+        if self._publisher.is_alive():
+            self._to_publish.put(fresh)
+        else:
+            publish_requests(self._services, fresh)
+
+    def _publish_loop(self) -> None:
+        while (fresh := self._to_publish.get()) is not None:
+            try:
+                publish_requests(self._services, fresh)
+            except Exception:  # committed: the reconciler publishes them once their lease ends
+                log.exception("publishing %d admitted requests failed", len(fresh))
 
     def wake(self) -> None:
         """A job was stored: look for work now rather than at the next idle tick."""
@@ -212,7 +244,7 @@ class Admitter:
     def admit_chunk(self, job_id: uuid.UUID) -> bool:
         """Admit the job's next chunk; False when there was nothing to do for it now."""
         services = self._services
-        fresh: list[Any] = []
+        fresh: list[Fresh] = []
         more = False
         with services.sessions.begin() as session:
             row = JobSource.job_id == job_id
@@ -240,7 +272,7 @@ class Admitter:
             done = job.cancelled_at is not None or not more
             if done:
                 self._finish(session, job, source)
-        publish_requests(services, fresh)
+        self._publish(fresh)
         if done:
             self._close(job_id)
         return True
@@ -265,7 +297,7 @@ class Admitter:
         upload.cursor = -1
         settings = self._services.settings
         size = settings.admission_chunk_lines if source.cursor else settings.admission_first_chunk
-        size = min(size, upload.cap or size, room or size)
+        size = _whole_bundles(self._services, job, min(size, upload.cap or size, room or size))
         fetch = upload.fetch(session, job.id)
         upload.at = job_source.seek(fetch, upload.at, source.cursor)  # already there, mostly
         chunk = job_source.read(fetch, upload.at, size)
@@ -348,6 +380,9 @@ class Admitter:
             )
             errors = [LineError(e.line, e.item_id, e.message) for e in refused]
             batch.status, batch.failed_at, batch.errors = "failed", now, refusals(errors)
+            self._events[job.id] = batch_event(
+                session, tenant_id=job.tenant_id, batch_id=batch.id, status=JobStatus.FAILED
+            )
 
     def _fail(self, job_id: uuid.UUID, reason: str) -> None:
         """Stop admitting the job: what was admitted runs, the rest is refused with why."""
@@ -378,7 +413,19 @@ class Admitter:
         services = self._services
         with services.sessions.begin() as session:
             deliveries = close_finished_jobs(session, [job_id], utcnow())
-        publish_deliveries(services.celery, deliveries)
+        publish_deliveries(services.celery, [*self._events.pop(job_id, []), *deliveries])
+
+
+def _whole_bundles(services: Services, job: Job, size: int) -> int:
+    """A chunk of whole bundles (``max_batch_size`` requests a message; of every model, when
+    the job names none) where it holds at least two: a part-filled bundle at every chunk's end
+    would be a short batch, and the worker holding its remainder would run one batch more
+    than the rest at a job's end."""
+    models = services.config.models
+    named = models.get(job.model) if job.model else None
+    specs = [named] if named is not None else list(models.values())
+    bundle = math.lcm(*(spec.max_batch_size for spec in specs)) if specs else 1
+    return size - size % bundle if size >= 2 * bundle else size
 
 
 def _waiting(session: Session, job_id: uuid.UUID) -> int:

@@ -31,6 +31,7 @@ from core.settings import Settings
 from maintenance.reconciler import Reconciler
 from router import load_config
 from submission.limits import TooBusy
+from submission.live_config import LiveConfig
 from submission.prepare import BadRequest
 from submission.services import Services, build_services
 from tasks.streams import create_reader
@@ -55,7 +56,10 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         app.state.admitter.start()
         app.state.streams = create_reader(settings)
         reconciler = _reconciler(app.state.services)
+        live = await run_in_threadpool(_live_config, app.state.services)
+        live.install_sighup()  # on the main thread, where uvicorn runs the lifespan
         yield
+        live.stop()
         if reconciler is not None:
             reconciler.stop()
         app.state.admitter.stop()
@@ -81,6 +85,20 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.include_router(openai_router)
     install_metrics(app, token=settings.metrics_token)
     return app
+
+
+def _live_config(services: Services) -> LiveConfig:
+    """Route by the file and the canary decisions, reloaded on change and on SIGHUP."""
+    settings = services.settings
+    live = LiveConfig(
+        settings.config,
+        services.sessions,
+        poll_s=settings.config_poll_s,
+        on_change=services.use_config,
+    )
+    services.use_config(live.current())
+    live.start()
+    return live
 
 
 def _reconciler(services: Services) -> Reconciler | None:

@@ -18,8 +18,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.jsonl import count_lines
+from api.openai_endpoints import TASKS
 from api.openai_errors import ApiError
-from api.openai_lines import CHAT_URL, OPENAI, prepare_lines, refusals
+from api.openai_lines import OPENAI, prepare_lines, refusals
 from api.openai_schemas import (
     BatchCreate,
     BatchErrorItem,
@@ -31,12 +32,14 @@ from api.openai_schemas import (
     list_ends,
     unix,
 )
-from core.enums import JobStatus, RequestStatus, TaskKind
+from core.enums import JobStatus, RequestStatus
 from storage import jobs
 from storage import openai_files as store
+from storage.events import close_finished_jobs
 from storage.tables import Job, JobError, utcnow
 from submission.services import Services
 from submission.submit import submit_job
+from tasks.webhooks import publish_deliveries
 
 WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -79,8 +82,13 @@ def parse_window(text: str) -> timedelta:
 def create_batch(services: Services, tenant_id: uuid.UUID, body: BatchCreate) -> BatchObject:
     """Validate every line, then write the job, its requests, its refused lines and the batch
     in one commit. A file with no good line makes a ``failed`` batch and runs nothing."""
-    if body.endpoint != CHAT_URL:
-        raise ApiError(400, f"endpoint {body.endpoint!r} is not supported; use {CHAT_URL}")
+    if body.endpoint not in TASKS:
+        supported = ", ".join(TASKS)
+        raise ApiError(
+            400,
+            f"endpoint {body.endpoint!r} is not supported; use one of {supported}",
+            param="endpoint",
+        )
     window = parse_window(body.completion_window)
     settings = services.settings
     with services.sessions() as session:
@@ -93,7 +101,7 @@ def create_batch(services: Services, tenant_id: uuid.UUID, body: BatchCreate) ->
     now = utcnow()
     if data is None:
         return _create_validating(services, tenant_id, body, now=now)
-    prepared, errors = prepare_lines(services, tenant_id, data)
+    prepared, errors = prepare_lines(services, tenant_id, data, endpoint=body.endpoint)
     batch = store.Batch(
         id=store.new_batch_id(),
         tenant_id=tenant_id,
@@ -108,6 +116,10 @@ def create_batch(services: Services, tenant_id: uuid.UUID, body: BatchCreate) ->
         batch.status, batch.failed_at, batch.errors = "failed", now, refusals(errors)
         with services.sessions.begin() as session:
             session.add(batch)
+            deliveries = store.batch_event(
+                session, tenant_id=tenant_id, batch_id=batch.id, status=JobStatus.FAILED
+            )
+        publish_deliveries(services.celery, deliveries)
         return get_batch(services, tenant_id, batch.id)
     if services.limits is not None:  # 429, like any other way in
         services.limits.admit(prepared)
@@ -115,9 +127,9 @@ def create_batch(services: Services, tenant_id: uuid.UUID, body: BatchCreate) ->
     job = Job(
         id=uuid.uuid4(),
         tenant_id=tenant_id,
-        task=TaskKind.CHAT,
+        task=TASKS[body.endpoint],
         model=models.pop() if len(models) == 1 else None,
-        shared={"openai_batch": batch.id},
+        shared={"openai_batch": batch.id, "endpoint": body.endpoint},
         total=len(prepared),
         invalid=len(errors),
         created_at=now,
@@ -144,7 +156,7 @@ def _create_validating(
     job = Job(
         id=uuid.uuid4(),
         tenant_id=tenant_id,
-        task=TaskKind.CHAT,
+        task=TASKS[body.endpoint],
         status=JobStatus.VALIDATING,
         created_at=now,
         deadline_at=expires_at,
@@ -160,7 +172,7 @@ def _create_validating(
         created_at=now,
         expires_at=expires_at,
     )
-    job.shared = {"openai_batch": batch.id}
+    job.shared = {"openai_batch": batch.id, "endpoint": body.endpoint}
     with services.sessions.begin() as session:
         session.add(job)
         session.flush()
@@ -171,22 +183,29 @@ def _create_validating(
 
 
 def get_batch(services: Services, tenant_id: uuid.UUID, batch_id: str) -> BatchObject:
+    deliveries: list[uuid.UUID] = []
     with services.sessions.begin() as session:
-        return batch_public(session, _owned_batch(session, tenant_id, batch_id), utcnow())
+        batch = _owned_batch(session, tenant_id, batch_id)
+        public = batch_public(session, batch, utcnow(), closed=deliveries)
+    publish_deliveries(services.celery, deliveries)
+    return public
 
 
 def list_batches(
     services: Services, tenant_id: uuid.UUID, *, after: str | None, limit: int
 ) -> BatchList:
+    deliveries: list[uuid.UUID] = []
     with services.sessions.begin() as session:
         rows = store.list_batches(session, tenant_id, after=after, limit=limit + 1)
         now = utcnow()
-        data = [batch_public(session, row, now) for row in rows[:limit]]
+        data = [batch_public(session, row, now, closed=deliveries) for row in rows[:limit]]
+    publish_deliveries(services.celery, deliveries)
     return BatchList(data=data, has_more=len(rows) > limit, **list_ends(data))
 
 
 def cancel_batch(services: Services, tenant_id: uuid.UUID, batch_id: str) -> BatchObject:
     """Lines not yet started are cancelled; running ones finish (``cancelling`` until then)."""
+    deliveries: list[uuid.UUID] = []
     with services.sessions.begin() as session:
         batch = _owned_batch(session, tenant_id, batch_id)
         now = utcnow()
@@ -197,7 +216,10 @@ def cancel_batch(services: Services, tenant_id: uuid.UUID, batch_id: str) -> Bat
             job = session.get(Job, batch.job_id)
             assert job is not None
             jobs.cancel(session, job, now)
-        return batch_public(session, batch, now)
+            deliveries += close_finished_jobs(session, [job.id], now)
+        public = batch_public(session, batch, now)
+    publish_deliveries(services.celery, deliveries)
+    return public
 
 
 def _owned_batch(session: Session, tenant_id: uuid.UUID, batch_id: str) -> store.Batch:
@@ -207,13 +229,20 @@ def _owned_batch(session: Session, tenant_id: uuid.UUID, batch_id: str) -> store
     return batch
 
 
-def batch_public(session: Session, batch: store.Batch, now: datetime) -> BatchObject:
-    """The batch as the API shows it, recording when each status was first seen."""
+def batch_public(
+    session: Session, batch: store.Batch, now: datetime, *, closed: list[uuid.UUID] | None = None
+) -> BatchObject:
+    """The batch as the API shows it, recording when each status was first seen.
+
+    Past its window, what has not started expires here; the job then closes, and the events
+    this queues (``batch.expired``) are added to ``closed``, to publish after the commit.
+    """
     if batch.job_id is None or batch.status == "failed":
         return _failed_public(batch)
     job = session.get(Job, batch.job_id)
     assert job is not None
-    jobs.expire_overdue(session, job, now)
+    if jobs.expire_overdue(session, job, now) and closed is not None:
+        closed += close_finished_jobs(session, [job.id], now)
     progress = jobs.progress(session, job)
     status = STATUSES[progress.status]
     if progress.status is JobStatus.VALIDATING and not job.total:

@@ -34,9 +34,11 @@ from api.openai_schemas import (
 from api.streaming import STREAM_WAIT_S, event, sse
 from api.waits import WaitSlots
 from core.enums import Priority, RequestStatus
+from router.config import model_kind_problem
 from storage.requests import get_for_tenant
 from storage.tables import Request
-from submission.prepare import prepare
+from submission.prepare import Prepared, prepare
+from submission.request import CreateRequest
 from submission.services import Services
 from tasks.streams import StreamReader, TokenEvent
 
@@ -134,18 +136,68 @@ class ChatChunks:
 async def _submit(
     services: Services, committer: GroupCommitter, tenant_id: uuid.UUID, body: ChatCompletionBody
 ) -> Request:
-    if body.model not in services.config.models:
+    check_model(services, body.model, embedding=False)
+    return await submit_one(services, committer, tenant_id, body.to_native(Priority.INTERACTIVE))
+
+
+def check_model(services: Services, model: str, *, embedding: bool) -> None:
+    """A configured model of the right kind: an embedding model only embeds, and only it does."""
+    spec = services.config.models.get(model)
+    if spec is None:
         known = ", ".join(sorted(services.config.models))
         raise ApiError(
             404,
-            f"model {body.model!r} is not configured; configured: {known}",
+            f"model {model!r} is not configured; configured: {known}",
             code="model_not_found",
             param="model",
         )
-    native = body.to_native(Priority.INTERACTIVE)
-    prepared = await run_in_threadpool(prepare, services, tenant_id, native)
-    row, _created = await asyncio.wrap_future(committer.submit(prepared))
+    problem = model_kind_problem(spec, model, embedding=embedding)
+    if problem is not None:
+        raise ApiError(400, problem, code="model_not_supported", param="model")
+
+
+async def submit_one(
+    services: Services, committer: GroupCommitter, tenant_id: uuid.UUID, native: CreateRequest
+) -> Request:
+    """Validate and group-commit one native request (refusals raise here); its row."""
+    [row] = await submit_all(services, committer, tenant_id, [native])
     return row
+
+
+async def submit_all(
+    services: Services,
+    committer: GroupCommitter,
+    tenant_id: uuid.UUID,
+    natives: list[CreateRequest],
+) -> list[Request]:
+    """Validate every request first (a refusal raises before any is written), then commit
+    them together; their rows, in order."""
+
+    def prepare_each() -> list[Prepared]:
+        return [prepare(services, tenant_id, native) for native in natives]
+
+    prepared = await run_in_threadpool(prepare_each)
+    done = await asyncio.gather(*(asyncio.wrap_future(committer.submit(p)) for p in prepared))
+    return [row for row, _created in done]
+
+
+async def wait_all(
+    services: Services,
+    tenant_id: uuid.UUID,
+    rows: list[Request],
+    disconnected: Callable[[], Awaitable[bool]],
+) -> list[Request]:
+    """Wait for each request within one bound; the first not succeeded raises (504 or 500)."""
+    deadline = time.monotonic() + CHAT_WAIT_S
+    done = []
+    for row in rows:
+        row = await _wait(services, tenant_id, row.id, disconnected, deadline=deadline)
+        if not row.status.terminal:
+            raise ApiError(504, _still_open(row), code="timeout")
+        if row.status is not RequestStatus.SUCCEEDED:
+            raise ApiError(500, _failed(row), code="engine_error")
+        done.append(row)
+    return done
 
 
 def _still_open(row: Request) -> str:
@@ -164,8 +216,10 @@ async def _wait(
     tenant_id: uuid.UUID,
     request_id: uuid.UUID,
     disconnected: Callable[[], Awaitable[bool]],
+    *,
+    deadline: float | None = None,
 ) -> Request:
-    deadline = time.monotonic() + CHAT_WAIT_S
+    deadline = time.monotonic() + CHAT_WAIT_S if deadline is None else deadline
     pause = FIRST_PAUSE_S
     while True:
         row = await run_in_threadpool(_load, services, tenant_id, request_id)

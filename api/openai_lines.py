@@ -1,6 +1,7 @@
 """The Batch API's JSONL, both ways: input lines to native requests, rows to output lines.
 
-An input line is ``{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}``.
+An input line is ``{"custom_id", "method": "POST", "url", "body"}``; ``url`` is the batch's
+endpoint (see :mod:`api.openai_endpoints` for what each takes and answers).
 Each bad line becomes one error-file line naming its line number (and its ``custom_id`` where
 it has one); good lines run. Error-file codes:
 
@@ -20,7 +21,6 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.jobs import LineError, read_jsonl
@@ -33,14 +33,14 @@ from api.line_checks import (
     unexpected,
     value_problem,
 )
-from api.openai_schemas import ChatCompletion, ChatCompletionBody, describe
-from core.enums import Priority, RequestStatus
+from api.openai_endpoints import CHAT_URL, line_request, result_body
+from core.enums import RequestStatus
 from storage import jobs
 from storage.tables import Job, JobError, Request
 from submission.prepare import BadRequest, Prepared
+from submission.request import CreateRequest
 from submission.services import Services
 
-CHAT_URL = "/v1/chat/completions"
 OPENAI = "openai"  # job_sources.format of a Batch API input file
 MAX_CUSTOM_ID = MAX_ID_CHARS  # the width of requests.item_id
 ERROR_CODES = {
@@ -50,8 +50,13 @@ ERROR_CODES = {
 }
 
 
+def endpoint_of(job: Job) -> str:
+    """The batch's endpoint, which its job keeps (jobs from before it was kept are chats)."""
+    return str((job.shared or {}).get("endpoint", CHAT_URL))
+
+
 def prepare_lines(
-    services: Services, tenant_id: uuid.UUID, data: bytes
+    services: Services, tenant_id: uuid.UUID, data: bytes, *, endpoint: str = CHAT_URL
 ) -> tuple[list[Prepared], list[LineError]]:
     """Validate every line of an input file; nothing is written here.
 
@@ -63,7 +68,7 @@ def prepare_lines(
     if len(lines) > settings.max_job_lines:
         raise BadRequest(f"the input file has more than {settings.max_job_lines} lines")
     parsed = read_jsonl(lines, max_line_bytes=settings.max_line_bytes)
-    return check_lines(services, tenant_id, parsed, {})
+    return check_lines(services, tenant_id, parsed, {}, endpoint=endpoint)
 
 
 def check_lines(
@@ -71,6 +76,8 @@ def check_lines(
     tenant_id: uuid.UUID,
     lines: Iterable[tuple[int, Any]],
     first_seen: dict[str, int],
+    *,
+    endpoint: str = CHAT_URL,
 ) -> tuple[list[Prepared], list[LineError]]:
     """Check parsed lines; ``first_seen`` maps custom ids to their first line across chunks."""
     prepared: list[Prepared] = []
@@ -81,8 +88,8 @@ def check_lines(
             continue
         custom_id = _custom_id(item)
         try:
-            body = _check_line(item, number, custom_id, first_seen)
-            [ready] = prepare_each(services, tenant_id, [body.to_native(Priority.BATCH)])
+            native = _check_line(services, endpoint, item, number, custom_id, first_seen)
+            [ready] = prepare_each(services, tenant_id, [native])
             if isinstance(ready, BadRequest):
                 raise ready
         except BadRequest as exc:
@@ -105,8 +112,13 @@ def _custom_id(item: Any) -> str | None:
 
 
 def _check_line(
-    item: Any, number: int, custom_id: str | None, first_seen: dict[str, int]
-) -> ChatCompletionBody:
+    services: Services,
+    endpoint: str,
+    item: Any,
+    number: int,
+    custom_id: str | None,
+    first_seen: dict[str, int],
+) -> CreateRequest:
     if not isinstance(item, dict):
         raise BadRequest("a line must be a JSON object")
     if custom_id is None:
@@ -122,21 +134,17 @@ def _check_line(
     first_seen[custom_id] = number
     if item.get("method") != "POST":
         raise BadRequest(f"method {item.get('method')!r} is not supported; use POST")
-    if item.get("url") != CHAT_URL:
-        raise BadRequest(f"url {item.get('url')!r} is not supported; use {CHAT_URL}")
+    if item.get("url") != endpoint:
+        raise BadRequest(
+            f"url {item.get('url')!r} is not supported in this batch; its endpoint is {endpoint}"
+        )
     body = item.get("body")
     if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object (a chat completions request)")
-    try:
-        parsed = ChatCompletionBody.model_validate(body)
-    except ValidationError as exc:
-        raise BadRequest(describe(exc.errors(include_url=False), prefix="body")) from exc
-    if parsed.stream:
-        raise BadRequest("body.stream: a batch line cannot stream; leave it out")
-    return parsed
+        raise BadRequest(f"body must be a JSON object (a {endpoint} request)")
+    return line_request(services, endpoint, body)
 
 
-def output_line(row: Request) -> dict[str, Any]:
+def output_line(row: Request, endpoint: str = CHAT_URL) -> dict[str, Any]:
     """A succeeded request as the Batch API writes it to the output file."""
     return {
         "id": f"batch_req_{row.id.hex}",
@@ -144,7 +152,7 @@ def output_line(row: Request) -> dict[str, Any]:
         "response": {
             "status_code": 200,
             "request_id": str(row.id),
-            "body": ChatCompletion.of(row).model_dump(mode="json"),
+            "body": result_body(endpoint, row),
         },
         "error": None,
     }
@@ -198,8 +206,9 @@ def error_lines(
 def file_lines(session: Session, job: Job, kind: str) -> Iterator[bytes]:
     """A batch's output (``kind`` ``output``) or error file, a line at a time, in input order."""
     if kind == "output":
+        endpoint = endpoint_of(job)
         lines: Iterator[dict[str, Any]] = (
-            output_line(row)
+            output_line(row, endpoint)
             for row in jobs.results(session, job.id)
             if row.status is RequestStatus.SUCCEEDED
         )

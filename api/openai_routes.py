@@ -1,7 +1,9 @@
-"""OpenAI-compatible handlers: ``/v1/files``, ``/v1/batches`` and ``/v1/chat/completions``.
+"""OpenAI-compatible handlers: ``/v1/files``, ``/v1/batches``, ``/v1/chat/completions``,
+``/v1/completions`` and ``/v1/embeddings``.
 
-Each parses, calls one function of :mod:`api.openai_files`, :mod:`api.openai_batches` or
-:mod:`api.openai_chat`, and returns its shape; errors come back in the OpenAI shape
+Each parses, calls one function of :mod:`api.openai_files`, :mod:`api.openai_batches`,
+:mod:`api.openai_chat`, :mod:`api.openai_completions` or :mod:`api.openai_embeddings`, and
+returns its shape; errors come back in the OpenAI shape
 (:class:`api.openai_errors.OpenAIRoute`).
 """
 
@@ -15,6 +17,8 @@ from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
 from api import openai_batches as batches
+from api import openai_completions as completions
+from api import openai_embeddings as embeddings
 from api import openai_files as files
 from api.auth import Caller, services_of
 from api.openai_chat import complete, stream
@@ -130,6 +134,48 @@ async def chat_completions(
     return await complete(
         services,
         committer,
+        tenant.id,
+        body,
+        disconnected=request.is_disconnected,
+        waits=request.app.state.waits,
+    )
+
+
+@router.post("/v1/completions", response_model=completions.Completion, responses=CHAT_ERRORS)
+async def text_completions(
+    request: Request, tenant: Caller, body: completions.CompletionBody
+) -> completions.Completion | StreamingResponse:
+    """Enqueue each prompt (and choice) at interactive priority and wait for all, or with
+    ``stream: true`` (one prompt) follow it as Server-Sent Events."""
+    services, committer = services_of(request), request.app.state.committer
+    if body.stream:
+        reader = request.app.state.streams
+        chunks = await completions.stream(services, committer, reader, tenant.id, body)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+    return await completions.complete(
+        services,
+        committer,
+        tenant.id,
+        body,
+        disconnected=request.is_disconnected,
+        waits=request.app.state.waits,
+    )
+
+
+EMBEDDING_ERRORS: dict[int | str, dict[str, Any]] = {
+    500: CHAT_ERRORS[500],
+    504: CHAT_ERRORS[504],
+}
+
+
+@router.post("/v1/embeddings", responses=EMBEDDING_ERRORS)
+async def create_embeddings(
+    request: Request, tenant: Caller, body: embeddings.EmbeddingBody
+) -> embeddings.EmbeddingList:
+    """Enqueue each input at interactive priority on an embedding model and wait for all."""
+    return await embeddings.embed(
+        services_of(request),
+        request.app.state.committer,
         tenant.id,
         body,
         disconnected=request.is_disconnected,

@@ -11,6 +11,7 @@ class TaskKind(StrEnum):
     CLASSIFY = "classify"
     CHAT = "chat"
     COMPLETE = "complete"
+    EMBED = "embed"  # one vector for a text, from a pooling model
 
 
 class Priority(StrEnum):

@@ -162,6 +162,13 @@ class Settings(BaseSettings):
     eval_cron: str = "0 3 * * 1"
     eval_webhook_url: str = ""
     eval_tenant: str = "inferq-eval"
+    # The API and workers reload the models config when its file changes or a canary decision
+    # is recorded, looking every ``config_poll_s`` seconds (and at once on SIGHUP). Canary
+    # policy decisions (``canary.auto`` on a route) post ``canary.promoted`` / ``canary.aborted``
+    # to ``canary_webhook_url`` (unset: ``eval_webhook_url``), signed like every delivery.
+    config_poll_s: float = Field(default=3.0, gt=0)
+    canary_webhook_url: str = ""
+    canary_policy_interval_s: float = Field(default=300.0, gt=0)  # sent by ``inferq eval beat``
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

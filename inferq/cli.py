@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 import threading
@@ -11,6 +12,7 @@ from pathlib import Path
 import click
 
 from core.settings import Settings, load_settings
+from inferq.cli_db import database
 from router import ConfigError, load_config
 
 pass_settings = click.make_pass_decorator(Settings)
@@ -57,10 +59,10 @@ def tenant() -> None:
 @pass_settings
 def tenant_create(settings: Settings, name: str) -> None:
     """Create tenant NAME and print its new API key on the last line."""
-    from storage.db import make_engine, make_sessionmaker
+    from storage.db import make_sessionmaker
     from storage.tenants import create_tenant
 
-    engine = make_engine(settings.database_url)
+    engine = database(settings)
     try:
         with make_sessionmaker(engine).begin() as session:
             created, key = create_tenant(session, name)
@@ -85,6 +87,7 @@ def api(settings: Settings, host: str, port: int, access_log: bool) -> None:
     from submission.services import build_services
 
     _config(settings)
+    database(settings).dispose()  # reachable and migrated, or say so before serving
     if not settings.embedded:
         uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log)
         return
@@ -106,7 +109,8 @@ def worker(
 ) -> None:
     """Run a worker for one model: it consumes only that model's queue."""
     from quality import scheduled
-    from storage.db import make_engine, make_sessionmaker
+    from storage.db import make_sessionmaker
+    from submission.live_config import LiveConfig
     from tasks.app import create_celery
     from tasks.queues import FixedQueue
     from workers.consumer import serve
@@ -121,13 +125,18 @@ def worker(
     if settings.embedded:
         raise click.UsageError("a separate worker needs INFERQ_BROKER_URL (e.g. redis://...)")
     app = create_celery(settings, config)
-    engine = make_engine(settings.database_url)
+    engine = database(settings)
     # Served before the engine loads: /readyz answers 503 until it has (workers.probes).
     probes = Probes()
     metrics = WorkerMetrics() if metrics_port else None
     if metrics is not None:
         metrics.serve(metrics_port, metrics_host, probes=probes)
-    runtime = WorkerRuntime.create(settings, config, model, make_sessionmaker(engine), app)
+    sessions = make_sessionmaker(engine)
+    # Reloaded on a file change, a canary decision or SIGHUP (submission.live_config).
+    live = LiveConfig(settings.config, sessions, poll_s=settings.config_poll_s)
+    runtime = WorkerRuntime.create(
+        settings, config, model, sessions, app, current_config=live.current
+    )
     if metrics is not None:
         runtime.writer.add_commit_hook(metrics.observe)
     scheduled.register(app, settings)  # every worker consumes the maintenance queue
@@ -135,17 +144,22 @@ def worker(
     grace = {model: drain_grace_s(settings, config.models[model])}
     option = serve(app, {model: runtime}, drain=grace)
     runtime.start()
+    live.start()
+    live.install_sighup_when_ready()
     probes.started(runtime.progressing)
     try:
         app.Worker(
             queues=[FixedQueue.MAINTENANCE.value],
             pool="threads",
             concurrency=4,
-            hostname=f"{model}@{socket.gethostname()}",
+            # One node per process: several workers of one model on a host (one per GPU)
+            # would otherwise share a name, and Flower and inspect would merge them.
+            hostname=f"{model}.{os.getpid()}@{socket.gethostname()}",
             loglevel=loglevel,
             **option,
         ).start()
     finally:
+        live.stop()
         runtime.stop()
         engine.dispose()
 
@@ -170,11 +184,11 @@ def reconcile(settings: Settings) -> None:
     """Re-publish lost requests and expire overdue ones, until stopped (the API runs one
     too unless INFERQ_RECONCILER=false; several share the work)."""
     from maintenance.reconciler import Reconciler
-    from storage.db import make_engine, make_sessionmaker
+    from storage.db import make_sessionmaker
     from tasks.app import create_celery
 
     config = _config(settings)
-    engine = make_engine(settings.database_url)
+    engine = database(settings)
     reconciler = Reconciler(
         settings, config, make_sessionmaker(engine), create_celery(settings, config)
     )
@@ -197,11 +211,11 @@ def prune(settings: Settings, older_than: str) -> None:
     from datetime import UTC, datetime
 
     from inferq.cli_report import parse_when
-    from storage.db import make_engine, make_sessionmaker
+    from storage.db import make_sessionmaker
     from storage.retention import prune as prune_old
 
     cutoff = parse_when(older_than, datetime.now(UTC))
-    engine = make_engine(settings.database_url)
+    engine = database(settings)
     try:
         done = prune_old(make_sessionmaker(engine), cutoff)
     finally:
@@ -278,15 +292,17 @@ def webhooks(settings: Settings, loglevel: str) -> None:
 
 
 def _register_client_commands() -> None:
+    from inferq.cli_canary import canary_group
     from inferq.cli_eval import eval_group
     from inferq.cli_jobs import jobs, results, submit
     from inferq.cli_report import report
 
-    for command in (submit, jobs, results, report, eval_group):
+    for command in (submit, jobs, results, report, eval_group, canary_group):
         main.add_command(command)
-    from inferq.cli_keys import key_group
+    from inferq.cli_keys import budget_command, key_group
 
     tenant.add_command(key_group)
+    tenant.add_command(budget_command)
 
 
 _register_client_commands()

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.enums import TaskKind
 from core.settings import Settings
+from inferq.cli_db import database
 
 pass_settings = click.make_pass_decorator(Settings)
 SCORED = ("extract", "classify", "expand")
@@ -27,9 +28,9 @@ SCORED = ("extract", "classify", "expand")
 
 @contextmanager
 def _sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    from storage.db import make_engine, make_sessionmaker
+    from storage.db import make_sessionmaker
 
-    engine = make_engine(settings.database_url)
+    engine = database(settings)
     try:
         yield make_sessionmaker(engine)
     finally:

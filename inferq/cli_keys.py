@@ -1,4 +1,5 @@
-"""`inferq tenant key create|list|revoke`: a tenant's API keys, straight in the database.
+"""`inferq tenant key create|list|revoke`: a tenant's API keys, and `inferq tenant budget`: its
+spending budget, straight in the database.
 
 Rotation without downtime: create a second key, move clients to it, revoke the first. Both
 work in between; a revoked key is refused once API processes' key caches expire
@@ -15,6 +16,7 @@ import click
 from sqlalchemy.orm import Session
 
 from core.settings import Settings
+from inferq.cli_db import database
 
 pass_settings = click.make_pass_decorator(Settings)
 
@@ -22,9 +24,9 @@ pass_settings = click.make_pass_decorator(Settings)
 @contextmanager
 def _session(settings: Settings) -> Iterator[Session]:
     """One transaction, committed on success; lookup failures become CLI errors."""
-    from storage.db import make_engine, make_sessionmaker
+    from storage.db import make_sessionmaker
 
-    engine = make_engine(settings.database_url)
+    engine = database(settings)
     try:
         with make_sessionmaker(engine).begin() as session:
             yield session
@@ -92,3 +94,53 @@ def key_revoke(settings: Settings, key: str) -> None:
         f"revoked {prefix}; API processes may accept it for up to "
         f"{settings.auth_cache_ttl_s:g}s more (their key cache)"
     )
+
+
+@click.command("budget")
+@click.argument("tenant")
+@click.option("--daily", type=float, help="Most the tenant may spend per UTC day.")
+@click.option("--monthly", type=float, help="Most the tenant may spend per UTC month.")
+@click.option("--clear", is_flag=True, help="Remove the budget: no spending limit.")
+@pass_settings
+def budget_command(
+    settings: Settings, tenant: str, daily: float | None, monthly: float | None, clear: bool
+) -> None:
+    """Set, clear or (with no option) show TENANT's spending budget and its spend against it.
+
+    Amounts are in the ledger's currency. Work that would take the day's or the month's spend
+    (with what admitted work may still cost) past the budget is refused at submission (429).
+    """
+    from storage.budgets import clear_budget, find_budget_standing, set_budget
+    from storage.tenants import find_tenant
+
+    if clear and (daily is not None or monthly is not None):
+        raise click.UsageError("--clear takes no --daily or --monthly")
+    with _session(settings) as session:
+        owner = find_tenant(session, tenant)
+        if clear:
+            had = clear_budget(session, owner)
+            click.echo(f"tenant {owner.name}: " + ("budget cleared" if had else "had no budget"))
+            return
+        if daily is not None or monthly is not None:
+            try:
+                set_budget(session, owner, daily=daily, monthly=monthly)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc)) from exc
+        states = find_budget_standing(session, owner)
+        name = owner.name
+    if not states:
+        click.echo(f"tenant {name}: no budget")
+        return
+    from inferq.report_text import money, table
+    from router.config import ConfigError, load_config
+
+    try:
+        currency = load_config(settings.config).currency
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    rows = [["period", "budget", "spent", "reserved", "left", "resets (UTC)"]]
+    for s in states:
+        amounts = [money(v, currency) for v in (s.limit, s.spent, s.reserved, s.left)]
+        rows.append([s.period, *amounts, _when(s.resets_at)])
+    click.echo(f"tenant {name}")
+    click.echo(table(rows))

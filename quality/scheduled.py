@@ -14,6 +14,7 @@ import logging
 from celery import Celery
 
 from core.settings import Settings
+from quality import canary
 from quality.runs import RunOutcome, run_eval
 from quality.spec import EvalError, EvalSpec
 from submission.services import build_services
@@ -34,6 +35,8 @@ def register(app: Celery, settings: Settings) -> None:
     )
     def scheduled_eval() -> None:
         run_scheduled(settings)
+
+    canary.register(app, settings)
 
 
 def run_scheduled(settings: Settings) -> list[RunOutcome]:

@@ -48,6 +48,9 @@ class ModelSpec(BaseModel):
     api_key_env: str | None = None
     price_per_million_input_tokens: float = Field(default=0.0, ge=0)
     price_per_million_output_tokens: float = Field(default=0.0, ge=0)
+    # Self-hosted models: what a token is reckoned to cost when admission reserves a request's
+    # worst case against a tenant's budget, until the model's own ledger says (None: nothing).
+    budget_price_per_million_tokens: float | None = Field(default=None, ge=0)
     # Passed to the engine adapter as they are (e.g. dtype, structured-output backend, script).
     options: dict[str, Any] = Field(default_factory=dict)
     # Weights quantized offline; checked against the folder's config.json when the file loads.
@@ -74,11 +77,44 @@ class ModelSpec(BaseModel):
         return self
 
 
+class CanaryAuto(BaseModel):
+    """Decide the canary without a person: promote when its quality is not worse beyond the
+    evaluation regression rule and its cost per success is lower; abort on a regression."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Successful requests each arm needs over the window before its cost is trusted.
+    min_successes: int = Field(default=20, ge=1)
+    window_s: float = Field(default=86400.0, gt=0)
+
+
+class CanarySpec(BaseModel):
+    """A candidate model taking ``share`` of a route's traffic, chosen per request id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    share: float
+    auto: CanaryAuto | None = None
+
+    @field_validator("share")
+    @classmethod
+    def _share_is_a_fraction(cls, share: float) -> float:
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(
+                f"must be between 0 and 1 (a fraction of the route's traffic), got {share}"
+            )
+        return share
+
+
 class RouteSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: TaskKind | Literal["*"]
     model: str
+    # How ``inferq canary`` names the route; unnamed, it is ``<task>-<index>`` (see ``label``).
+    name: str | None = Field(default=None, min_length=1, max_length=100, pattern=r"^[\w.-]+$")
+    canary: CanarySpec | None = None
     # Routes are tried in file order; a route applies while the score is at most this.
     max_complexity: float = Field(default=1.0, ge=0, le=1)
     fallbacks: tuple[str, ...] = ()
@@ -93,6 +129,14 @@ class RouteSpec(BaseModel):
                 raise ValueError(f"fallback cycle: {' -> '.join(chain[: at + 1])}")
         return self
 
+    def label(self, index: int) -> str:
+        """The route's name: its ``name``, else its task and place in the file (``extract-0``;
+        ``any-2`` for task ``*``)."""
+        if self.name is not None:
+            return self.name
+        task = "any" if self.task == "*" else TaskKind(self.task).value
+        return f"{task}-{index}"
+
 
 class BreakerSpec(BaseModel):
     """A model failing ``failures`` attempts in a row is skipped for ``cooldown_s``."""
@@ -103,6 +147,16 @@ class BreakerSpec(BaseModel):
     cooldown_s: float = Field(default=30.0, gt=0)
 
 
+class CompareTo(BaseModel):
+    """A hosted model the report prices the same successful work at, per token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    price_per_million_input_tokens: float = Field(ge=0)
+    price_per_million_output_tokens: float = Field(ge=0)
+
+
 class RouterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -111,6 +165,10 @@ class RouterConfig(BaseModel):
     # ``package.module:function`` taking (task, input) and returning a score in [0, 1].
     scorer: str | None = None
     breaker: BreakerSpec = Field(default_factory=BreakerSpec)
+    # The report: what the same work would have cost on a hosted model, and the currency
+    # (ISO 4217 code) every price in this file is in.
+    compare_to: CompareTo | None = None
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
 
     @field_validator("scorer")
     @classmethod
@@ -132,6 +190,38 @@ class RouterConfig(BaseModel):
                     raise ValueError(f"routes.{index}: unknown model {name!r}")
         return self
 
+    @model_validator(mode="after")
+    def _canaries_fit_their_routes(self) -> RouterConfig:
+        labels = [spec.label(index) for index, spec in enumerate(self.routes)]
+        for index, label in enumerate(labels):
+            if label in labels[:index]:
+                raise ValueError(f"routes.{index}.name: {label!r} names two routes")
+        for index, spec in enumerate(self.routes):
+            if spec.canary is None:
+                continue
+            where, candidate = f"routes.{index}.canary.model", spec.canary.model
+            if candidate not in self.models:
+                known = ", ".join(sorted(self.models))
+                raise ValueError(f"{where}: unknown model {candidate!r}; configured: {known}")
+            if candidate == spec.model:
+                raise ValueError(f"{where}: the candidate {candidate!r} is the route's own model")
+            admitted = self.models[spec.model].max_model_len
+            window = self.models[candidate].max_model_len
+            if window < admitted:
+                raise ValueError(
+                    f"{where}: candidate {candidate!r} has max_model_len {window}, shorter than "
+                    f"the {admitted} tokens the route admits (its model {spec.model!r})"
+                )
+        return self
+
+    def find_route(self, name: str) -> tuple[int, RouteSpec]:
+        """The route called ``name`` (see :meth:`RouteSpec.label`), with its index."""
+        for index, spec in enumerate(self.routes):
+            if spec.label(index) == name:
+                return index, spec
+        known = ", ".join(spec.label(i) for i, spec in enumerate(self.routes))
+        raise ConfigError(f"no route named {name!r}; routes: {known}")
+
 
 def load_config(path: Path) -> RouterConfig:
     """Read and validate the config file, naming the file and the key on any error."""
@@ -144,6 +234,18 @@ def load_config(path: Path) -> RouterConfig:
     except ValidationError as exc:
         problems = "; ".join(_describe(err) for err in exc.errors())
         raise ConfigError(f"{path}: {problems}") from exc
+
+
+def model_kind_problem(spec: ModelSpec, model: str, *, embedding: bool) -> str | None:
+    """Why ``model`` cannot serve an embedding (``embedding``) or a generation, or None. A
+    vLLM model configured with ``runner: pooling`` embeds and only embeds; the scripted engine
+    does both (for tests)."""
+    pooling = spec.options.get("runner") == "pooling"
+    if embedding and not (pooling or spec.engine == "scripted"):
+        return f"model {model!r} is not an embedding model (configure one with runner: pooling)"
+    if not embedding and pooling:
+        return f"model {model!r} is an embedding model; use /v1/embeddings"
+    return None
 
 
 def check_quantization(path: str, quantization: str) -> None:

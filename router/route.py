@@ -8,10 +8,11 @@ records each reason on the route it returns.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from core.enums import TaskKind
+from router.canary import CANDIDATE, arm_of, candidate_chain
 from router.config import RouterConfig
 
 
@@ -28,6 +29,9 @@ class Route:
     # Set once the request moved down the chain: the model it was routed to, and why it left.
     first_model: str | None = None
     reason: str | None = None
+    # On a canary route: the route's name and the arm taken (``control`` or ``candidate``).
+    canary_route: str | None = None
+    canary_arm: str | None = None
 
     def next(self, why: str) -> Route | None:
         """This route one step down its chain, ``why`` recorded; None at the chain's end."""
@@ -35,11 +39,10 @@ class Route:
             return None
         model = self.fallbacks[0]
         step = f"{self.model}: {why}"
-        return Route(
-            model,
-            self.fallbacks[1:],
-            self.complexity,
-            self.max_queue_depth,
+        return replace(
+            self,
+            model=model,
+            fallbacks=self.fallbacks[1:],
             first_model=self.first_model or self.model,
             reason=step if self.reason is None else f"{self.reason}; {step}",
         )
@@ -52,6 +55,7 @@ def route(
     tenant: str,
     config: RouterConfig,
     model_override: str | None = None,
+    request_id: str | None = None,
 ) -> Route:
     """Pick the model to try first and its fallback chain.
 
@@ -61,6 +65,8 @@ def route(
         tenant: The caller; routes per tenant arrive with the routing issue.
         config: The validated models-and-routes config.
         model_override: A model the caller named; it must be configured.
+        request_id: The request's id; on a canary route it picks the arm
+            (:func:`router.canary.arm_of`). Without one the control arm serves.
     """
     del tenant  # part of the contract; no tenant-specific routes yet
     complexity = config.score(task, payload)
@@ -69,14 +75,17 @@ def route(
             known = ", ".join(sorted(config.models))
             raise RoutingError(f"unknown model {model_override!r}; configured: {known}")
         return Route(model_override, (), complexity)
-    for spec in config.routes:
+    for index, spec in enumerate(config.routes):
         if spec.task in (task, "*") and complexity <= spec.max_complexity:
-            return Route(
-                spec.model,
-                spec.fallbacks,
-                complexity,
-                spec.max_queue_depth,
-            )
+            chosen = Route(spec.model, spec.fallbacks, complexity, spec.max_queue_depth)
+            if spec.canary is None or request_id is None:
+                return chosen
+            name = spec.label(index)
+            arm = arm_of(request_id, name, spec.canary.share)
+            if arm == CANDIDATE:
+                model, fallbacks = candidate_chain(spec)
+                chosen = replace(chosen, model=model, fallbacks=fallbacks)
+            return replace(chosen, canary_route=name, canary_arm=arm)
     raise RoutingError(f"no route for task {task.value!r} at complexity {complexity:.2f}")
 
 

@@ -20,6 +20,7 @@ from core.enums import TaskKind
 Scorer = Callable[[TaskKind, dict[str, Any]], float]
 
 _TASK_FLOOR = {
+    TaskKind.EMBED: 0.1,
     TaskKind.CLASSIFY: 0.1,
     TaskKind.EXPAND: 0.2,
     TaskKind.EXTRACT: 0.3,

@@ -15,6 +15,7 @@ from sqlalchemy import exists, func, select, update
 
 from core.enums import OPEN_STATUSES, JobStatus, Outcome
 from storage.jobs import progress
+from storage.openai_files import batch_event
 from storage.tables import Job, Request
 from storage.webhooks import enqueue_delivery
 
@@ -70,7 +71,8 @@ def _one_closer(session: Any, job_id: uuid.UUID) -> None:
 def close_finished_jobs(
     session: Any, job_ids: Iterable[uuid.UUID], at: datetime
 ) -> list[uuid.UUID]:
-    """Stamp jobs with nothing left to run as finished, once, and queue ``job.completed``."""
+    """Stamp jobs with nothing left to run as finished, once, and queue ``job.completed``
+    (and, for an OpenAI batch, ``batch.<status>`` to the tenant's endpoints)."""
     deliveries = []
     for job_id in sorted(set(job_ids)):
         _one_closer(session, job_id)
@@ -90,8 +92,15 @@ def close_finished_jobs(
         if closed is None:
             continue
         job = session.scalar(select(Job).where(Job.id == job_id))
+        batch_id = (job.shared or {}).get("openai_batch")
+        if batch_id is None and not job.webhook_url:
+            continue
+        state = progress(session, job)
+        if batch_id is not None:  # the Batch API's own event, to the tenant's endpoints
+            deliveries += batch_event(
+                session, tenant_id=job.tenant_id, batch_id=batch_id, status=state.status
+            )
         if job.webhook_url:
-            state = progress(session, job)
             payload = {
                 "id": str(job.id),
                 "status": state.status.value,

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, Text, and_, bindparam, case, func, insert, or_, select, update
+from sqlalchemy import JSON, Text, and_, bindparam, case, func, literal, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from core.enums import OPEN_STATUSES, Outcome, RequestStatus, TaskKind
+from storage.bulk import insert_rows
 from storage.reconcile import DEADLINE_PASSED
 from storage.tables import LedgerEntry, Request
 
@@ -78,40 +79,46 @@ def claim(
     deadline requests are marked expired instead, and a request delivered more than
     ``max_deliveries`` times is failed with the reason: it is likely what kills workers.
     """
+    r = _REQUESTS.c  # Core, not the ORM: this runs once a batch, on the executor's thread
     claimable = and_(
-        Request.id.in_(request_ids),
+        r.id.in_(request_ids),
         or_(
-            Request.status == RequestStatus.QUEUED,
+            r.status == RequestStatus.QUEUED,
             and_(
-                Request.status == RequestStatus.RUNNING,
-                Request.published_at < at - running_lease,
+                r.status == RequestStatus.RUNNING,
+                r.published_at < at - running_lease,
             ),
         ),
     )
-    session.execute(
-        update(Request)
-        .where(claimable, Request.deadline_at.is_not(None), Request.deadline_at <= at)
-        .values(status=RequestStatus.EXPIRED, finished_at=at, error=DEADLINE_PASSED)
-        .execution_options(synchronize_session=False)
-    )
-    rows = session.execute(
-        update(Request)
+    # One statement: past its deadline a request is expired, else claimed.
+    expired = and_(r.deadline_at.is_not(None), r.deadline_at <= at)
+
+    def unless_expired(column: Any, claimed: Any) -> Any:
+        return case((expired, column), else_=claimed)
+
+    changed = session.execute(
+        update(_REQUESTS)
         .where(claimable)
         .values(
-            status=RequestStatus.RUNNING,
-            started_at=at,
-            published_at=at,
-            deliveries=Request.deliveries + 1,
-            claimed_by=worker,
+            status=case(
+                (expired, _status(RequestStatus.EXPIRED)), else_=_status(RequestStatus.RUNNING)
+            ),
+            finished_at=case((expired, at), else_=r.finished_at),
+            error=case((expired, DEADLINE_PASSED), else_=r.error),
+            started_at=unless_expired(r.started_at, at),
+            published_at=unless_expired(r.published_at, at),
+            deliveries=unless_expired(r.deliveries, r.deliveries + 1),
+            claimed_by=unless_expired(r.claimed_by, literal(worker, r.claimed_by.type)),
         )
-        .returning(Request.id, Request.deliveries)
+        .returning(r.id, r.deliveries, r.status)
         .execution_options(synchronize_session=False)
     ).all()
+    rows = [(request_id, n) for request_id, n, status in changed if status == RequestStatus.RUNNING]
     worn = [request_id for request_id, deliveries in rows if deliveries > max_deliveries]
     if worn:
         session.execute(
-            update(Request)
-            .where(Request.id.in_(worn))
+            update(_REQUESTS)
+            .where(r.id.in_(worn))
             .values(
                 status=RequestStatus.FAILED,
                 finished_at=at,
@@ -121,6 +128,10 @@ def claim(
             .execution_options(synchronize_session=False)
         )
     return {request_id for request_id, deliveries in rows if deliveries <= max_deliveries}
+
+
+def _status(status: RequestStatus) -> Any:
+    return literal(status, _REQUESTS.c.status.type)
 
 
 def hand_back(
@@ -170,15 +181,35 @@ def record_batch(session: Session, attempts: Sequence[Attempt]) -> list[Outcome]
     fresh = [a for a, o in zip(attempts, outcomes, strict=True) if o in _RESULTS]
     results = [a for a in fresh if not a.falls_back]
     if results:
-        session.execute(_RESULT_UPDATE, [_result_params(a) for a in results])
+        _write_results(session, results)
     moved = [a for a in fresh if a.falls_back]
     if moved:
         session.execute(_FALLBACK_UPDATE, [_fallback_params(a) for a in moved])
-    session.execute(
-        insert(LedgerEntry),
+    insert_rows(
+        session,
+        LedgerEntry.__table__,
         [_ledger_row(a, o) for a, o in zip(attempts, outcomes, strict=True)],
     )
     return outcomes
+
+
+def _write_results(session: Session, results: Sequence[Attempt]) -> None:
+    """Store each request's result, if it is still open. On Postgres one statement for the
+    whole group (its values as arrays, ``unnest``), where an executemany is a statement a
+    request on the server; elsewhere the executemany."""
+    params = [_result_params(a) for a in results]
+    dialect = session.get_bind().dialect
+    if dialect.name != "postgresql":
+        session.execute(_RESULT_UPDATE, params)
+        return
+    processors = {
+        key: column.type._cached_bind_processor(dialect) for key, column in _RESULT_COLUMNS.items()
+    }
+    arrays = {
+        key: [p[key] if (process := processors[key]) is None else process(p[key]) for p in params]
+        for key in _RESULT_COLUMNS
+    }
+    session.execute(_RESULT_UNNEST, arrays)
 
 
 def _outcomes(attempts: Sequence[Attempt], closed: dict[uuid.UUID, RequestStatus]) -> list[Outcome]:
@@ -223,6 +254,43 @@ _RESULT_UPDATE = (
         finished_at=bindparam("b_finished_at"),
         attempts=_REQUESTS.c.attempts + 1,
     )
+)
+
+
+# The same update as one statement on Postgres: each column's values as an array.
+_RESULT_COLUMNS = {
+    "b_id": _REQUESTS.c.id,
+    "b_status": _REQUESTS.c.status,
+    "b_output": _REQUESTS.c.output,
+    "b_error": _REQUESTS.c.error,
+    "b_prompt_tokens": _REQUESTS.c.prompt_tokens,
+    "b_completion_tokens": _REQUESTS.c.completion_tokens,
+    "b_finish_reason": _REQUESTS.c.finish_reason,
+    "b_started_at": _REQUESTS.c.started_at,
+    "b_first_token_at": _REQUESTS.c.first_token_at,
+    "b_finished_at": _REQUESTS.c.finished_at,
+}
+_ARRAY_TYPES = {
+    "b_id": "uuid[]",
+    "b_output": "json[]",
+    "b_prompt_tokens": "integer[]",
+    "b_completion_tokens": "integer[]",
+    "b_started_at": "timestamptz[]",
+    "b_first_token_at": "timestamptz[]",
+    "b_finished_at": "timestamptz[]",
+}
+_RESULT_UNNEST = text(
+    "UPDATE requests AS r SET status = v.b_status, output = v.b_output, error = v.b_error, "
+    "prompt_tokens = v.b_prompt_tokens, completion_tokens = v.b_completion_tokens, "
+    "finish_reason = v.b_finish_reason, started_at = v.b_started_at, "
+    "first_token_at = v.b_first_token_at, finished_at = v.b_finished_at, "
+    "attempts = r.attempts + 1 FROM unnest("
+    + ", ".join(f"CAST(:{key} AS {_ARRAY_TYPES.get(key, 'text[]')})" for key in _RESULT_COLUMNS)
+    + ") AS v("
+    + ", ".join(_RESULT_COLUMNS)
+    + ") WHERE r.id = v.b_id AND r.status IN ("
+    + ", ".join(f"'{status.value}'" for status in OPEN_STATUSES)
+    + ")"
 )
 
 

@@ -12,11 +12,12 @@ Definitions, so that the numbers mean one thing wherever they are shown:
   Time to first token is shown twice: ``ttft`` is the engine's own figure (from the engine
   call), ``client_ttft`` runs from the request's commit to its first token leaving the worker,
   queue included: what a client waits. Percentiles are nearest rank.
-- Throughput at P95 latency is successful requests per second over the whole window, reported
-  next to the window's p95 end-to-end latency: the rate the service sustained while that
-  latency held. It needs no latency target as input and adds up across groups.
+- ``throughput`` is successful requests per second over the whole window (the report fits the
+  window to its data first). Throughput at P95 latency is per time bucket, next to the bucket's
+  p95, with the best rate within a latency target as its headline: :mod:`storage.throughput`.
 - Cost per successful inference is the cost of every attempt in the window divided by the
-  successful requests in it.
+  successful requests in it. What the same successful work would cost elsewhere prices the
+  successful attempts' tokens (``ok_prompt_tokens``, ``ok_completion_tokens``) per token.
 - Every attempt falls in exactly one spend class: ``succeeded`` (useful), ``failed`` (it failed
   and its request has not succeeded), ``retried`` (it failed but its request has succeeded
   since), ``timed_out``, ``duplicate``, ``cancelled``. Shares are of cost, so the useful share
@@ -128,6 +129,8 @@ class GroupStats:
     gpu_seconds: float
     cost: float
     window_s: float
+    ok_prompt_tokens: int
+    ok_completion_tokens: int
     end_to_end: Percentiles
     queue_wait: Percentiles
     engine: Percentiles
@@ -153,6 +156,11 @@ class GroupStats:
     def waste_share(self) -> float | None:
         return (self.cost - self.cost_by_spend[Spend.SUCCEEDED]) / self.cost if self.cost else None
 
+    def priced_per_token(self, input_per_million: float, output_per_million: float) -> float:
+        """What the successful attempts' tokens cost at per-million-token prices (no waste)."""
+        prompt = self.ok_prompt_tokens * input_per_million
+        return (prompt + self.ok_completion_tokens * output_per_million) / 1_000_000
+
 
 @dataclass(slots=True)
 class _Acc:
@@ -174,6 +182,10 @@ class _Acc:
             gpu_seconds=sum(r.gpu_seconds for r in rows),
             cost=sum(r.cost for r in rows),
             window_s=window_s,
+            ok_prompt_tokens=sum(r.prompt_tokens for r in rows if r.spend is Spend.SUCCEEDED),
+            ok_completion_tokens=sum(
+                r.completion_tokens for r in rows if r.spend is Spend.SUCCEEDED
+            ),
             end_to_end=Percentiles.of([r.end_to_end_s for r in rows if r.end_to_end_s is not None]),
             queue_wait=Percentiles.of([r.queue_wait_s for r in rows if _ran(r)]),
             engine=Percentiles.of([r.engine_s for r in rows if _ran(r)]),
@@ -254,14 +266,18 @@ def summarise(
     rows: Iterable[AttemptRow], window: Window, by: GroupBy
 ) -> tuple[list[GroupStats], GroupStats]:
     """Per-group figures, sorted by key, and the figures for all groups together."""
+    rows = list(rows)
+    per_group = [_Acc(part).freeze(k, window.seconds) for k, part in split(rows, by).items()]
+    return per_group, _Acc(rows).freeze("all", window.seconds)
+
+
+def split(rows: Iterable[AttemptRow], by: GroupBy) -> dict[str, list[AttemptRow]]:
+    """The rows of each group, keys sorted, each group's rows in their given order."""
     key = _KEYS[by]
-    groups: dict[str, _Acc] = {}
-    total = _Acc()
+    groups: dict[str, list[AttemptRow]] = {}
     for row in rows:
-        groups.setdefault(key(row), _Acc()).rows.append(row)
-        total.rows.append(row)
-    per_group = [groups[k].freeze(k, window.seconds) for k in sorted(groups)]
-    return per_group, total.freeze("all", window.seconds)
+        groups.setdefault(key(row), []).append(row)
+    return {k: groups[k] for k in sorted(groups)}
 
 
 def over_time(rows: Iterable[AttemptRow], window: Window, *, buckets: int) -> list[GroupStats]:

@@ -10,7 +10,9 @@ from pathlib import Path
 import psycopg
 from alembic import command
 from alembic.config import Config
-from sqlalchemy.engine import make_url
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Engine, make_url
 
 from storage.db import normalise_url
 
@@ -27,6 +29,32 @@ def alembic_config(database_url: str) -> Config:
 
 def upgrade(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
+
+
+class SchemaNotCurrent(RuntimeError):
+    """The database's schema is not the one this code was written for."""
+
+
+def check_current(engine: Engine) -> None:
+    """Refuse to work on a database that ``inferq migrate`` has not brought to this code's
+    revision: an API or worker on an empty or older schema would fail each request with an
+    SQL error instead of saying once what to do.
+
+    Raises:
+        SchemaNotCurrent: naming the database, its revision and the one needed.
+    """
+    url = engine.url.render_as_string(hide_password=True)
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    if current == head:
+        return
+    if current is None:
+        raise SchemaNotCurrent(f"database {url} has no inferq schema: run `inferq migrate` first")
+    raise SchemaNotCurrent(
+        f"database {url} is at schema revision {current}, this inferq needs {head}: "
+        "run `inferq migrate` (with this version of inferq)"
+    )
 
 
 @contextmanager

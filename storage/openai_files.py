@@ -30,7 +30,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import InstrumentedAttribute, Mapped, Session, mapped_column
 
+from core.enums import JobStatus
 from storage.tables import Base, JobSource, Tenant, utcnow
+from storage.webhooks import enqueue_delivery, list_endpoints
 
 SLICE_BYTES = 4 << 20  # how much of a stored file is read at a time
 
@@ -204,3 +206,34 @@ def list_batches(
         )
     query = query.order_by(Batch.created_at.desc(), Batch.id.desc())
     return list(session.scalars(query.limit(limit)))
+
+
+# The Batch API's webhook events, for every endpoint the tenant has (not disabled).
+BATCH_EVENTS = {
+    JobStatus.COMPLETED: "batch.completed",
+    JobStatus.FAILED: "batch.failed",
+    JobStatus.EXPIRED: "batch.expired",
+    JobStatus.CANCELLED: "batch.cancelled",
+}
+
+
+def batch_event(
+    session: Session, *, tenant_id: uuid.UUID, batch_id: str, status: JobStatus
+) -> list[uuid.UUID]:
+    """Queue ``batch.<status>`` (its ``data`` is ``{"id": batch_id}``, as OpenAI sends it) to
+    each of the tenant's webhook endpoints, in the caller's transaction; the delivery ids, to
+    publish after the commit. A status with no event queues nothing."""
+    event_type = BATCH_EVENTS.get(status)
+    if event_type is None:
+        return []
+    return [
+        enqueue_delivery(
+            session,
+            tenant_id=tenant_id,
+            url=endpoint.url,
+            event_type=event_type,
+            payload={"id": batch_id},
+        )
+        for endpoint in list_endpoints(session, tenant_id)
+        if endpoint.disabled_at is None
+    ]

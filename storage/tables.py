@@ -68,6 +68,20 @@ class Tenant(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class TenantBudget(Base):
+    """A tenant's spending limits, in the ledger's currency (None: no limit for that period).
+    Periods are UTC calendar days and months."""
+
+    __tablename__ = "tenant_budgets"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    daily: Mapped[float | None] = mapped_column(Float)
+    monthly: Mapped[float | None] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class ApiKey(Base):
     __tablename__ = "api_keys"
 
@@ -135,15 +149,23 @@ class Request(Base):
         ),
         # Fair claims: the tenants waiting on a model, each one's oldest first (storage.requests).
         Index("ix_requests_fair_order", "status", "model", "priority", "tenant_id", "created_at"),
+        # A job's requests, and whether any is still open (storage.events, api.admission).
+        Index("ix_requests_job_status", "job_id", "status"),
+        # ``inferq canary status``: a route's requests over a window (few rows are on a canary).
+        Index(
+            "ix_requests_canary",
+            "canary_route",
+            "created_at",
+            postgresql_where=text("canary_route IS NOT NULL"),
+            sqlite_where=text("canary_route IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
-    tenant_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
-    )
-    job_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
-    )
+    # Looked up by tenant through uq_requests_tenant_idempotency (tenant_id first), by job
+    # through ix_requests_job_status.
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     task: Mapped[TaskKind] = mapped_column(_enum(TaskKind, "task_kind"))
     status: Mapped[RequestStatus] = mapped_column(_enum(RequestStatus, "request_status"))
     priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"))
@@ -174,9 +196,14 @@ class Request(Base):
     # The models still to try, in order, and why the request left the one it was routed to.
     fallbacks: Mapped[list[str] | None] = mapped_column(JSON)
     fallback_reason: Mapped[str | None] = mapped_column(Text)
+    # The most it may cost, reserved against its tenant's budget while it is open (storage.budgets).
+    reserved_cost: Mapped[float | None] = mapped_column(Float)
     first_model: Mapped[str | None] = mapped_column(String(200))
     # The worker that last claimed it (``model@host:pid``): who holds it while it runs.
     claimed_by: Mapped[str | None] = mapped_column(String(200))
+    # Routed by a canary route: its name and the arm taken (``control`` or ``candidate``).
+    canary_route: Mapped[str | None] = mapped_column(String(100))
+    canary_arm: Mapped[str | None] = mapped_column(String(16))
 
 
 class JobSource(Base):

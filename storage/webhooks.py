@@ -191,7 +191,8 @@ def enqueue_delivery(
         session: The caller's session; nothing is committed here.
         tenant_id: Whose event it is (and whose endpoint ``url`` becomes).
         url: The webhook URL, already checked with ``core.netguard`` when it was given.
-        event_type: ``request.completed`` or ``job.completed``.
+        event_type: ``request.completed``, ``job.completed`` or a Batch API event
+            (``batch.completed``, ...; see ``storage.openai_files.batch_event``).
         payload: JSON-safe ``data`` of the event (the request or job as the API shows it).
 
     Returns:

@@ -2,7 +2,7 @@
 
 Every path that creates requests passes here: single requests and chat completions, inline
 jobs and batches, and each chunk the background admission inserts (which waits and tries
-again instead of answering 429). Three limits, each cheap to check:
+again instead of answering 429). Four limits, each cheap to check:
 
 * a model's queue: at most ``max_queued_per_model`` requests waiting (counted in Postgres, one
   grouped query a second), so a model that cannot keep up pushes back instead of growing
@@ -13,7 +13,12 @@ again instead of answering 429). Three limits, each cheap to check:
 * a tenant's tokens per minute: at most ``tenant_tokens_per_minute`` (0: no limit), prompt
   tokens plus the most the request may generate (``max_tokens`` x n), reserved here and
   settled by the worker when it finishes (``tasks.budget``). If Redis is unreachable this limit
-  is not enforced (the API keeps accepting; see DESIGN.md).
+  is not enforced (the API keeps accepting; see DESIGN.md);
+* a tenant's spending budget per day and month, where it has one: the worst-case cost of what
+  is admitted is reserved on its rows and settled by its ledger rows (``submission.spend``).
+
+It also estimates when a model would start a request with a deadline
+(``submission.deadlines``), so routing can hand the request down the chain in time.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import replace
+from typing import Protocol, TypeVar
 
 import redis
 from sqlalchemy import func, select
@@ -31,7 +37,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.enums import OPEN_STATUSES, Priority, RequestStatus
 from core.settings import Settings
+from router import Route, RouterConfig
 from storage.tables import Request
+from submission.deadlines import StartEstimator, escalate
+from submission.spend import Spend
 from tasks.budget import WINDOW_S, MemoryCounter, RedisCounter, TokenBudget, reserved_output
 from tasks.contract import EngineRequest
 
@@ -67,6 +76,11 @@ class _Sized(Protocol):
     def body(self) -> _Body: ...
     @property
     def engine_request(self) -> EngineRequest: ...
+    @property
+    def reserved_cost(self) -> float | None: ...
+
+
+Item = TypeVar("Item", bound=_Sized)
 
 
 def cost(item: _Sized) -> int:
@@ -84,6 +98,8 @@ class Limits:
         self._lock = threading.Lock()
         self._depths: tuple[float, Depths] = (0.0, {})
         self._inflight: dict[uuid.UUID, tuple[float, int]] = {}
+        self.spend = Spend(sessions)
+        self.starts = StartEstimator(sessions)
 
     @classmethod
     def create(cls, settings: Settings, sessions: sessionmaker[Session]) -> Limits:
@@ -94,14 +110,36 @@ class Limits:
         return max(self._settings.max_inflight_per_tenant - self._tenant_inflight(tenant), 0)
 
     def over_budget(self, item: _Sized) -> str | None:
-        """Why ``item`` alone can never fit the tenant's tokens per minute, or None."""
+        """Why ``item`` alone can never fit the tenant's tokens per minute or spending
+        budget, or None."""
         limit = self._settings.tenant_tokens_per_minute
         if limit and cost(item) > limit:
             return (
                 f"the request may use {cost(item)} tokens (prompt {item.prompt_tokens} + "
                 f"max_tokens x n); the limit is {limit} tokens a minute"
             )
+        if item.reserved_cost:
+            return self.spend.too_costly(item.tenant_id, item.reserved_cost)
         return None
+
+    def in_time(self, chosen: Route, *, deadline_s: float | None, priority: Priority) -> Route:
+        """``chosen``, moved down its chain past models that would start it after its
+        deadline (unchanged without a deadline)."""
+        if deadline_s is None or not chosen.fallbacks:
+            return chosen
+        return escalate(chosen, lambda model: self.starts.late(model, priority, deadline_s))
+
+    def priced(self, item: Item, config: RouterConfig) -> Item:
+        """``item`` with its worst-case cost, if its tenant has a budget to reserve it from."""
+        if not self.spend.budgeted(item.tenant_id):
+            return item
+        worst = self.spend.worst_cost(
+            config.models[item.model],
+            item.model,
+            prompt=item.prompt_tokens,
+            output=reserved_output(item.engine_request),
+        )
+        return replace(item, reserved_cost=worst)  # type: ignore[type-var]
 
     def admit(self, items: Sequence[_Sized]) -> None:
         """Raise :class:`TooBusy` if taking ``items`` now would break a limit."""
@@ -130,8 +168,15 @@ class Limits:
                 f"{settings.max_inflight_per_tenant}",
                 retry_after=2,
             )
+        budgeted = [item.reserved_cost for item in items if item.reserved_cost is not None]
+        money = sum(budgeted)
+        if budgeted and (refused := self.spend.refusal(tenant, money)) is not None:
+            message, retry_after = refused
+            raise TooBusy(message, retry_after=retry_after)
         self._spend_tokens(tenant, sum(cost(item) for item in items))
         self._count_in(tenant, len(items), by_queue)
+        if money:
+            self.spend.count_in(tenant, money)
 
     def _count_in(
         self, tenant: uuid.UUID, count: int, by_queue: dict[tuple[str, Priority], int]

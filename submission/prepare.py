@@ -8,16 +8,18 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import kombu.exceptions
 import redis
 from celery import Celery
 from pydantic import ValidationError
 
+from core.enums import TaskKind
 from core.netguard import UnsafeURL, check_url
 from core.settings import Settings
 from router import Route, RoutingError, route, skip_unavailable
+from router.config import model_kind_problem
 from submission.request import CreateRequest
 from submission.services import Services
 from tasks.breaker import Breaker
@@ -43,6 +45,10 @@ class Prepared:
     line: int | None = None
     route: Route | None = None  # the chain still to try, and why it left earlier models
     prompt_tokens: int = 0
+    # Chosen here, before routing: a canary route splits its traffic by request id.
+    request_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    # The most it may cost, reserved against its tenant's spending budget (None: no budget).
+    reserved_cost: float | None = None
 
 
 def prepare(services: Services, tenant_id: uuid.UUID, body: CreateRequest) -> Prepared:
@@ -70,6 +76,12 @@ def prepare_many(
         requests = [_prepared(staged[i]).engine_request for i in indexes]
         for index, tokens in zip(indexes, services.meters[model].count_many(requests), strict=True):
             staged[index] = _fits(services, _prepared(staged[index]), tokens)
+    if services.limits is not None:
+        limits = services.limits
+        staged = [
+            limits.priced(item, services.config) if isinstance(item, Prepared) else item
+            for item in staged
+        ]
     return staged
 
 
@@ -128,6 +140,7 @@ def _stage(
         return BadRequest(_describe(exc, prefix="input"))
     except ValueError as exc:
         return BadRequest(str(exc))
+    request_id = uuid.uuid4()
     try:
         chosen = route(
             body.task,
@@ -135,24 +148,45 @@ def _stage(
             tenant=str(tenant_id),
             config=services.config,
             model_override=body.model,
+            request_id=str(request_id),
         )
     except RoutingError as exc:
         return BadRequest(str(exc))
     chosen = skip_unavailable(chosen, why_not)
-    spec = services.config.models[chosen.model]
-    limit = min(services.settings.max_output_tokens, spec.max_model_len - 1)
-    if body.params.max_tokens is None:  # the task kind's default, not asked for: fit it
-        engine_request.max_tokens = min(engine_request.max_tokens, limit)
-    if not 1 <= engine_request.max_tokens <= limit:
-        return BadRequest(f"params.max_tokens must be between 1 and {limit} for {chosen.model}")
-    if engine_request.n > services.settings.max_n:
-        return BadRequest(f"input.n must be at most {services.settings.max_n}")
+    if services.limits is not None:  # a model that would start it too late hands it on
+        chosen = services.limits.in_time(chosen, deadline_s=body.deadline_s, priority=body.priority)
+    problem = _unfit(services, body, chosen.model, engine_request)
+    if problem is not None:
+        return BadRequest(problem)
     if body.webhook_url is not None:
         try:
             check_webhook_url(services.settings, body.webhook_url)
         except BadRequest as exc:
             return exc
-    return Prepared(tenant_id, body, chosen.model, engine_request, route=chosen)
+    return Prepared(
+        tenant_id, body, chosen.model, engine_request, route=chosen, request_id=request_id
+    )
+
+
+def _unfit(
+    services: Services, body: CreateRequest, model: str, engine_request: EngineRequest
+) -> str | None:
+    """Why the chosen model cannot run this request as asked, or None; a default
+    ``max_tokens`` (not asked for) is shrunk to fit the model instead."""
+    spec = services.config.models[model]
+    # Routes are by task kind and may end on a model of the other kind: say so now, not
+    # after a worker failed it max_attempts times.
+    wrong_kind = model_kind_problem(spec, model, embedding=body.task is TaskKind.EMBED)
+    if wrong_kind is not None:
+        return f"task {body.task.value!r}: {wrong_kind}"
+    limit = min(services.settings.max_output_tokens, spec.max_model_len - 1)
+    if body.params.max_tokens is None:  # the task kind's default, not asked for: fit it
+        engine_request.max_tokens = min(engine_request.max_tokens, limit)
+    if not 1 <= engine_request.max_tokens <= limit:
+        return f"params.max_tokens must be between 1 and {limit} for {model}"
+    if engine_request.n > services.settings.max_n:
+        return f"input.n must be at most {services.settings.max_n}"
+    return None
 
 
 def _fits(services: Services, item: Prepared, prompt_tokens: int) -> Prepared | BadRequest:

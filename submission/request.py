@@ -22,6 +22,14 @@ class CreateRequest(BaseModel):
     priority: Priority = Priority.INTERACTIVE
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     webhook_url: str | None = Field(default=None, max_length=2000)
+    deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=7 * 86400,
+        description="Seconds from submission by which it must start, else it expires unrun. "
+        "A model that would not start it in time hands it down its route's fallback chain at "
+        "once (fallback_reason names the deadline).",
+    )
     stream: bool = Field(
         default=False,
         description="Publish tokens as they are generated, for GET /v1/requests/{id}/stream.",

@@ -32,6 +32,11 @@ class Services:
     breaker: Breaker | None = None
     limits: Limits | None = None  # backpressure; None admits everything
 
+    def use_config(self, config: RouterConfig) -> None:
+        """Put a reloaded config in force (``submission.live_config``): whatever holds these
+        services reads it from the next request on. Its models are the ones loaded at start."""
+        object.__setattr__(self, "config", config)
+
     def dispose(self) -> None:
         """Close the database pool (the broker pool closes with the Celery app)."""
         self.sessions.kw["bind"].dispose()

@@ -10,15 +10,15 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.enums import RequestStatus
 from router import Route
+from storage.bulk import insert_rows
 from storage.reconcile import forget_publish
 from storage.requests import find_by_idempotency_key
 from storage.tables import Base, Job, Request, utcnow
@@ -48,7 +48,7 @@ def submit_many(services: Services, prepared: Sequence[Prepared]) -> list[tuple[
             if existing is not None:
                 results.append((existing, False))
                 continue
-            columns = _row(item, now, job_id=None, deadline_at=None)
+            columns = _row(item, now, job_id=None, deadline_at=_deadline(item, now))
             row = Request(**columns)
             session.add(row)
             results.append((row, True))
@@ -88,22 +88,19 @@ def insert_job_requests(
     job_id: uuid.UUID,
     deadline_at: datetime | None,
 ) -> list[Fresh]:
-    """The bulk path: plain multi-row INSERTs rather than ORM objects. Publish after commit."""
+    """The bulk path: rows copied in (``storage.bulk``) rather than ORM objects. Publish
+    after commit."""
     now = utcnow()
     rows = [_row(item, now, job_id=job_id, deadline_at=deadline_at) for item in prepared]
-    for start in range(0, len(rows), INSERT_CHUNK):
-        session.execute(insert(Request.__table__), rows[start : start + INSERT_CHUNK])
+    insert_rows(session, Request.__table__, rows)
     return list(zip(rows, prepared, strict=True))
-
-
-INSERT_CHUNK = 5000
 
 
 def _row(
     item: Prepared, now: datetime, *, job_id: uuid.UUID | None, deadline_at: datetime | None
 ) -> dict[str, Any]:
     return {
-        "id": uuid.uuid4(),
+        "id": item.request_id,
         "tenant_id": item.tenant_id,
         "job_id": job_id,
         "item_id": item.item_id,
@@ -121,17 +118,31 @@ def _row(
         "queued_at": now,
         "published_at": now,
         "deadline_at": deadline_at,
+        "reserved_cost": item.reserved_cost,
         **_route_columns(item.route),
     }
 
 
+def _deadline(item: Prepared, now: datetime) -> datetime | None:
+    seconds = item.body.deadline_s
+    return None if seconds is None else now + timedelta(seconds=seconds)
+
+
 def _route_columns(chosen: Route | None) -> dict[str, Any]:
     if chosen is None:
-        return {"first_model": None, "fallbacks": None, "fallback_reason": None}
+        return {
+            "first_model": None,
+            "fallbacks": None,
+            "fallback_reason": None,
+            "canary_route": None,
+            "canary_arm": None,
+        }
     return {
         "first_model": chosen.first_model or chosen.model,
         "fallbacks": list(chosen.fallbacks) or None,
         "fallback_reason": chosen.reason,
+        "canary_route": chosen.canary_route,
+        "canary_arm": chosen.canary_arm,
     }
 
 

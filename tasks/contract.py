@@ -23,7 +23,8 @@ class ChatMessage(BaseModel):
 
 
 class EngineRequest(BaseModel):
-    """What an engine runs: a chat or a raw prompt, sampling, and an optional constraint."""
+    """What an engine runs: a chat or a raw prompt, sampling, and an optional constraint; or,
+    with ``embed``, a prompt to turn into one vector."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -38,6 +39,8 @@ class EngineRequest(BaseModel):
     ignore_eos: bool = False
     json_schema: dict[str, Any] | None = None
     choices: list[str] | None = None
+    # Pool the prompt into one vector instead of generating (a pooling model; sampling unused).
+    embed: bool = False
 
 
 class RunMessage(BaseModel):

@@ -16,6 +16,9 @@ from tasks.queues import FixedQueue
 
 EVAL_TASK = "inferq.eval.scheduled"
 ENTRY = "inferq-eval"
+# Canary routes with ``auto`` set are judged this often (``quality.canary.run_policy``).
+CANARY_TASK = "inferq.canary.policy"
+CANARY_ENTRY = "inferq-canary"
 
 
 def parse_cron(expr: str) -> crontab:
@@ -46,5 +49,10 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "task": EVAL_TASK,
             "schedule": parse_cron(settings.eval_cron),
             "options": {"queue": FixedQueue.MAINTENANCE.value},
-        }
+        },
+        CANARY_ENTRY: {
+            "task": CANARY_TASK,
+            "schedule": settings.canary_policy_interval_s,
+            "options": {"queue": FixedQueue.MAINTENANCE.value},
+        },
     }

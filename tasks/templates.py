@@ -201,12 +201,19 @@ class CompleteInput(_Input):
     _prompt = field_validator("prompt")(_non_blank)
 
 
+class EmbedInput(_Input):
+    text: str
+
+    _text = field_validator("text")(_non_blank)
+
+
 INPUT_MODELS: dict[TaskKind, type[_Input]] = {
     TaskKind.EXTRACT: ExtractInput,
     TaskKind.CLASSIFY: ClassifyInput,
     TaskKind.EXPAND: ExpandInput,
     TaskKind.CHAT: ChatInput,
     TaskKind.COMPLETE: CompleteInput,
+    TaskKind.EMBED: EmbedInput,
 }
 
 EXPAND_TEMPERATURE = 0.8
@@ -216,6 +223,7 @@ DEFAULT_MAX_TOKENS = {
     TaskKind.EXPAND: 32,
     TaskKind.CHAT: 64,
     TaskKind.COMPLETE: 64,
+    TaskKind.EMBED: 1,  # nothing is generated; the budget reserves the prompt alone
 }
 
 
@@ -267,6 +275,8 @@ def render(
         return EngineRequest(
             messages=data.messages, json_schema=data.json_schema, max_tokens=max_tokens, **knobs
         )
+    if isinstance(data, EmbedInput):
+        return EngineRequest(prompt=data.text, max_tokens=1, embed=True)
     assert isinstance(data, CompleteInput)
     return EngineRequest(prompt=data.prompt, max_tokens=max_tokens, **knobs)
 
@@ -275,8 +285,15 @@ class OutputError(ValueError):
     """The engine's text does not have the shape the task kind promises."""
 
 
-def parse_output(task: TaskKind, request: EngineRequest, texts: list[str]) -> Any:
-    """Turn engine text into the kind's result: an object, a label, variants or text.
+def parse_output(
+    task: TaskKind,
+    request: EngineRequest,
+    texts: list[str],
+    *,
+    embedding: list[float] | None = None,
+) -> Any:
+    """Turn engine text into the kind's result: an object, a label, variants, text, or
+    (``embed``) the vector a pooling engine made.
 
     Raises:
         OutputError: for any reason this output cannot be the result (its request alone
@@ -300,5 +317,9 @@ def parse_output(task: TaskKind, request: EngineRequest, texts: list[str]) -> An
         return label
     if task is TaskKind.EXPAND:
         return texts
+    if task is TaskKind.EMBED:
+        if not embedding:
+            raise OutputError("the engine made no vector: the model is not an embedding model")
+        return embedding
     # A chat with a JSON schema keeps its text: the chat completion's content is the JSON text.
     return texts[0]

@@ -22,6 +22,7 @@ from storage import jobs as job_store
 from storage.migrate import scratch_database
 from storage.openai_files import Batch, StoredFile, new_file_id
 from storage.tables import Job, JobError, JobSource, Request
+from storage.webhooks import WebhookDelivery, register_endpoint
 from submission.services import Services, build_services
 from tests.conftest import PG_URL, new_tenant
 from tests.test_jobs import finished, ndjson, upload
@@ -215,3 +216,50 @@ def _job_of(services: Services, batch_id: str) -> uuid.UUID:
         job_id = session.scalar(select(Batch.job_id).where(Batch.id == batch_id))
         assert job_id is not None
         return job_id
+
+
+def test_large_batch_is_checked_for_its_endpoint_and_a_failed_one_is_announced(
+    services: Services, tenant_id: uuid.UUID
+) -> None:
+    with services.sessions.begin() as session:
+        register_endpoint(session, tenant_id, "https://hooks.example.com/batches")
+
+    def validating(lines: list[dict[str, object]]) -> str:
+        file_id, data = new_file_id(), jsonl(lines)  # type: ignore[arg-type]
+        with services.sessions.begin() as session:
+            session.add(
+                StoredFile(
+                    id=file_id,
+                    tenant_id=tenant_id,
+                    filename="in.jsonl",
+                    purpose="batch",
+                    size=len(data),
+                    content=data,
+                )
+            )
+        body = BatchCreate(
+            input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h"
+        )
+        batch = create_batch(services, tenant_id, body)
+        assert batch.status == "validating"
+        drain(Admitter(services), _job_of(services, batch.id))
+        return batch.id
+
+    embed = {"model": "scripted", "input": "red scarf"}
+    good = validating(
+        [
+            {"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings", "body": embed}
+            for i in range(12)
+        ]
+    )
+    with services.sessions() as session:
+        query = select(Request.task).where(Request.job_id == _job_of(services, good))
+        assert list(session.scalars(query)) == [TaskKind.EMBED] * 12
+
+    chat = {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions", "body": {}}
+    bad = validating([{**chat, "custom_id": f"c{i}"} for i in range(12)])
+    assert get_batch(services, tenant_id, bad).status == "failed"
+    with services.sessions() as session:
+        query = select(WebhookDelivery).where(WebhookDelivery.tenant_id == tenant_id)
+        events = [(d.event_type, d.payload) for d in session.scalars(query)]
+    assert events == [("batch.failed", {"id": bad})]

@@ -396,6 +396,7 @@ def test_api_crash_between_commit_and_publish(
 
 
 KILLS = 5
+KILL_JOB = 1000  # about twice what the workers run while the five kills happen
 MAX_TOKENS = 128  # generations long enough that the job outlasts the kills
 # A queued lease longer than a message waits behind a short queue, so none is re-published.
 VLLM_RECOVERY = {**FAST_RECOVERY, "queued_lease_s": 30, "admission_max_open": 200}
@@ -484,14 +485,14 @@ def test_vllm_workers_killed_mid_batch_five_times(
     tenant = new_tenant(db, "killed-workers")
     begun = time.monotonic()
     params = {"max_tokens": MAX_TOKENS, "ignore_eos": True}
-    submit_job(stack.url, tenant, prompts(), model="tiny", params=params)
+    submit_job(stack.url, tenant, prompts(KILL_JOB), model="tiny", params=params)
     redeliveries, held = [], []
     for _kill in range(KILLS):
         seconds, count = kill_mid_batch(stack, db, tenant)
         redeliveries.append(round(seconds, 1))
         held.append(count)
-    drained_s = drain(db, tenant, JOB_SIZE, begun)
-    figures = check_invariant(db, tenant.id, expected=JOB_SIZE)
+    drained_s = drain(db, tenant, KILL_JOB, begun)
+    figures = check_invariant(db, tenant.id, expected=KILL_JOB)
     with db() as session:
         rerun = session.scalar(
             select(func.count()).where(Request.tenant_id == tenant.id, Request.deliveries > 1)
@@ -504,7 +505,7 @@ def test_vllm_workers_killed_mid_batch_five_times(
         seconds_total=drained_s,
     )
     assert all(held), f"a kill found its worker between batches: {held}"
-    assert figures.by_status == {"succeeded": JOB_SIZE}
+    assert figures.by_status == {"succeeded": KILL_JOB}
 
 
 # --- scaling events: SIGTERM drains, a new worker joins, SIGKILL loses no prefetched work ---

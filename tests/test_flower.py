@@ -124,11 +124,11 @@ def _check(url: str, worker: Process, *, bundles: int) -> None:
         if worker.proc.poll() is not None:
             pytest.fail(f"{worker.name} exited:\n{worker.tail()}")
         seen.update(_get(f"{url}/api/workers?refresh=1"))
-        mine = [info for name, info in seen.items() if name.startswith(f"{MODEL}@")]
+        mine = [info for name, info in seen.items() if name.startswith(f"{MODEL}.")]
         return bool(mine) and all(method in mine[0] for method in INSPECTED)
 
     wait_for(inspected, timeout=60, what=f"flower to inspect the busy worker ({list(seen)})")
-    [info] = [info for name, info in seen.items() if name.startswith(f"{MODEL}@")]
+    [info] = [info for name, info in seen.items() if name.startswith(f"{MODEL}.")]
     batch, interactive = model_queues(MODEL)
     assert {batch, interactive} <= {q["name"] for q in info["active_queues"]}
     lengths = _get(f"{url}/api/queues/length")["active_queues"]

@@ -278,7 +278,7 @@ def test_refused_uploads_and_batches(
         good = client.files.create(file=handle, purpose="batch")
     with pytest.raises(openai.BadRequestError, match="endpoint"):
         client.batches.create(
-            input_file_id=good.id, endpoint="/v1/embeddings", completion_window="24h"
+            input_file_id=good.id, endpoint="/v1/moderations", completion_window="24h"
         )
     with pytest.raises(openai.BadRequestError, match="completion_window"):
         client.batches.create(

@@ -324,8 +324,9 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_stored(
 
 def test_the_schedule_is_weekly_by_default_on_the_maintenance_queue() -> None:
     entry = beat_schedule(Settings(database_url="sqlite://", broker_url="redis://x"))
-    [spec] = entry.values()
+    spec = entry["inferq-eval"]
     assert spec["task"] == EVAL_TASK
+    assert entry["inferq-canary"]["schedule"] == 300.0  # the canary policy, every 5 minutes
     assert spec["options"] == {"queue": FixedQueue.MAINTENANCE.value}
     assert spec["schedule"] == parse_cron("0 3 * * 1")
     with pytest.raises(ValueError, match="INFERQ_EVAL_CRON '0 3 \\* \\*': expected 5 fields"):

@@ -21,9 +21,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.enums import Outcome, Priority, RequestStatus, TaskKind
 from core.settings import Settings
+from inferq import cli_report
 from inferq.cli import main
-from router.config import load_config
+from inferq.report_data import Section, build_report
+from inferq.report_plot import build_figure
+from inferq.report_text import money, sig
+from router.config import ConfigError, load_config
 from storage.ledger_stats import (
+    AttemptRow,
     GroupBy,
     GroupStats,
     Spend,
@@ -35,6 +40,7 @@ from storage.ledger_stats import (
     summarise,
 )
 from storage.tables import LedgerEntry, Request, Tenant
+from storage.throughput import bucket_seconds, buckets_over, fit_window, throughput_at_p95
 from tasks.contract import RunMessage
 from tasks.rows import run_message
 from tests.conftest import TEST_CONFIG
@@ -268,6 +274,92 @@ def test_over_time_buckets_split_the_window(
     assert sum(b.cost for b in buckets) == pytest.approx(0.80)
 
 
+def ok_row(finished: float, end_to_end_s: float) -> AttemptRow:
+    """A successful attempt finishing ``finished`` seconds after T0."""
+    return AttemptRow(
+        model="m", task="chat", tenant="t", spend=Spend.SUCCEEDED, cost=0.001, gpu_seconds=1.0,
+        prompt_tokens=10, completion_tokens=5, queue_wait_s=0.0, engine_s=0.5, ttft_s=None,
+        client_ttft_s=None, at=at(finished), end_to_end_s=end_to_end_s,
+    )  # fmt: skip
+
+
+def test_bucket_length_follows_the_span() -> None:
+    assert bucket_seconds(328, max_buckets=30) == 15.0  # 10.9 s wanted: the next round one
+    assert bucket_seconds(600, max_buckets=30) == 30.0  # 20 s wanted exactly fits 30
+    assert bucket_seconds(600, max_buckets=5) == 120.0
+    assert bucket_seconds(86_400, max_buckets=30) == 3600.0
+    assert bucket_seconds(0, max_buckets=30) == 5.0  # never shorter
+    assert bucket_seconds(400 * 86_400, max_buckets=30) == 2 * 604_800.0
+
+
+def test_throughput_at_p95_is_the_best_bucket_rate_within_the_target() -> None:
+    # 10 s buckets from T0: 2 successes (p95 1 s), 4 (p95 3 s), 6 (p95 12 s: over the target),
+    # then 3 (p95 2 s) in a last bucket that runs past the data.
+    e2e = [[1, 0.5], [3, 1, 2, 2], [12, 1, 1, 1, 1, 1], [2, 2, 1]]
+    rows = [ok_row(10 * b + 1 + i, s) for b, values in enumerate(e2e) for i, s in enumerate(values)]
+    window = fit_window(rows, WINDOW)
+    assert (window.since, window.until) == (at(1), at(33))  # first to last row
+    buckets = buckets_over(rows, window, bucket_s=10)
+    assert [b.key for b in buckets] == [at(1 + 10 * i).isoformat() for i in range(4)]
+    assert [b.successes for b in buckets] == [2, 4, 6, 3]
+    assert [b.throughput for b in buckets] == [0.2, 0.4, 0.6, 0.3]
+    assert [b.end_to_end.p95 for b in buckets] == [1, 3, 12, 2]
+    best = throughput_at_p95(buckets, target_s=10)
+    assert (best.rate, best.p95_s, best.start, best.peak_rate) == (0.4, 3, at(11).isoformat(), 0.6)
+    assert throughput_at_p95(buckets, target_s=20).rate == 0.6
+    none = throughput_at_p95(buckets, target_s=0.5)
+    assert (none.rate, none.p95_s, none.start, none.peak_rate) == (None, None, None, 0.6)
+    assert fit_window([], WINDOW) == WINDOW
+
+
+def test_money_has_significant_digits_and_currency() -> None:
+    assert money(0.0000412345, "USD") == "$0.0000412"
+    assert money(0.5, "USD") == "$0.500"
+    assert money(1234.5, "EUR") == "€1,234.50"
+    assert money(-0.00110, "USD") == "-$0.00110"
+    assert money(0.00512, "CHF") == "0.00512 CHF"
+    assert money(0, "USD") == "$0" and money(None, "USD") == "-"
+    assert sig(0.028) == "0.0280" and sig(2.333) == "2.33" and sig(1500) == "1,500"
+
+
+def test_compare_to_is_checked_when_the_config_loads(tmp_path: Path) -> None:
+    config = tmp_path / "models.yaml"
+    config.write_text(TEST_CONFIG.read_text() + COMPARE.replace("20000", "-1"))
+    with pytest.raises(ConfigError, match=r"compare_to\.price_per_million_input_tokens"):
+        load_config(config)
+    config.write_text(TEST_CONFIG.read_text() + COMPARE + "  model: gpt\n")
+    with pytest.raises(ConfigError, match=r"compare_to\.model: Extra inputs"):
+        load_config(config)
+    config.write_text(TEST_CONFIG.read_text() + "currency: dollars\n")
+    with pytest.raises(ConfigError, match="currency"):
+        load_config(config)
+    assert load_config(TEST_CONFIG).compare_to is None
+    assert load_config(TEST_CONFIG).currency == "USD"
+
+
+def test_plot_axis_spans_the_data(
+    sessions: sessionmaker[Session], tenants: tuple[str, str]
+) -> None:
+    import matplotlib.dates as mdates
+
+    with sessions() as session:
+        rows = fetch_attempts(session, WINDOW)
+    data = build_report(rows, WINDOW, GroupBy.MODEL, p95_target_s=10.0)
+    figure = build_figure(data)
+    throughput, latency, _, cost, by_model = figure.axes
+    # 22 buckets of 15 s from the first row (10:00:02): the axis ends with the last bucket.
+    left, right = (mdates.num2date(x) for x in cost.get_xlim())
+    assert (left, right) == (at(2), at(2 + 22 * 15))
+    assert latency.get_xlim() == cost.get_xlim() == throughput.get_xlim()
+    assert len(throughput.patches) == 22  # one bar per bucket
+    labels = {line.get_label() for line in latency.lines}
+    assert {"queue wait p95", "engine p95", "end to end p95"} <= labels
+    assert [t.get_text() for t in by_model.get_xticklabels()] == ["model-a", "model-b"]
+    # Asked not to fit, the axis runs over the whole requested window.
+    whole = build_figure(build_report(rows, WINDOW, GroupBy.MODEL, fit=False, p95_target_s=10.0))
+    assert [mdates.num2date(x) for x in whole.axes[0].get_xlim()] == [at(0), at(600)]
+
+
 def cli_env(settings: Settings) -> dict[str, str]:
     return {
         "INFERQ_DATABASE_URL": settings.database_url,
@@ -276,24 +368,49 @@ def cli_env(settings: Settings) -> dict[str, str]:
     }
 
 
+# The same successful work on a hosted model at 20,000 / 40,000 per million tokens: each of the
+# four successes in the window used 10 prompt and 5 completion tokens, so 0.4 per success.
+COMPARE = """
+compare_to:
+  name: hosted-big
+  price_per_million_input_tokens: 20000
+  price_per_million_output_tokens: 40000
+"""
+
+
 def test_report_cli_prints_tables_json_and_plot(
     settings: Settings, tenants: tuple[str, str], tmp_path: Path
 ) -> None:
     window = ["--since", "2020-01-01T10:00:00", "--until", "2020-01-01T10:10:00"]
+    config = tmp_path / "models.yaml"
+    config.write_text(TEST_CONFIG.read_text() + COMPARE)
+    env = {**cli_env(settings), "INFERQ_CONFIG": str(config)}
     plot = tmp_path / "report.png"
     runner = CliRunner()
     result = runner.invoke(
-        main, ["report", *window, "--by", "tenant", "--plot", str(plot)], env=cli_env(settings)
+        main, ["report", *window, "--by", "tenant", "--plot", str(plot)], env=env
     )
     assert result.exit_code == 0, result.output
     one, two = tenants
     lines = result.output.splitlines()
-    assert "(600 s), by tenant; 9 attempts" in lines[0]
-    # The cost table: tenant one has 3 successes of 6 attempts, cost 0.5, 1/6 per success.
-    cost_row = next(line for line in lines if line.startswith(one) and "0.500000" in line)
-    assert cost_row.split()[1:3] == ["3", "6"] and cost_row.split()[-1] == "0.166667"
-    total_cost = next(line for line in lines if line.startswith("all") and "0.800000" in line)
-    assert total_cost.split()[-1] == "0.200000"
+    # The window fits the data: first ledger row at 10:00:02, last at 10:05:30.
+    assert lines[0] == "ledger 2020-01-01 10:00:02 .. 10:05:30 UTC (328 s), by tenant; 9 attempts"
+    assert lines[1].startswith("window fitted to the data (first to last ledger row)")
+    assert "2020-01-01 10:00:00 .. 2020-01-01 10:10:00 (600 s)" in lines[1]
+    # 328 s in at most 30 buckets: 15 s each; each success has a bucket of its own (1/15 ok/s).
+    assert lines[2].startswith("throughput at P95: 0.0667 ok/s with p95 end to end 2.00 s <= 10 s")
+    assert "Throughput per 15 s bucket, next to its p95 end to end (* within 10 s)" in lines
+    first_bucket = lines[lines.index("Throughput per 15 s bucket, next to its p95 end to end "
+                                     "(* within 10 s)") + 2]  # fmt: skip
+    assert first_bucket.split() == ["10:00:02", "1", "1", "0.0667", "2.000", "*"]
+    # Costs with their currency and 3 significant digits; tenant one has 3 successes of 6
+    # attempts costing 0.5, and would have cost 1.2 on the hosted model.
+    assert "Cost per successful inference (USD)" in lines
+    cost_row = next(line for line in lines if line.startswith(one) and "$0.500" in line)
+    assert cost_row.split()[1:3] == ["3", "6"]
+    assert cost_row.split()[-4:] == ["$0.167", "$0.400", "$1.20", "$0.700"]
+    total_cost = next(line for line in lines if line.startswith("all") and "$0.800" in line)
+    assert total_cost.split()[-4:] == ["$0.200", "$0.400", "$1.60", "$0.800"]
     # The latency table: the client's time to first token beside the engine's.
     engine_ttft = next(line for line in lines if line.startswith(one) and " ttft " in line)
     client_ttft = next(line for line in lines if line.startswith(one) and "ttft (client)" in line)
@@ -305,15 +422,60 @@ def test_report_cli_prints_tables_json_and_plot(
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot.stat().st_size > 20_000
 
-    result = runner.invoke(main, ["report", *window, "--json"], env=cli_env(settings))
+    result = runner.invoke(main, ["report", *window, "--json"], env=env)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
+    # Keys added, none renamed: the fitted window, the buckets, the headline and the comparison.
+    assert (data["since"], data["window_s"]) == ("2020-01-01T10:00:02+00:00", 328.0)
+    assert data["requested_since"] == "2020-01-01T10:00:00+00:00" and data["window_fitted"]
+    assert (data["currency"], data["bucket_s"], data["p95_target_s"]) == ("USD", 15.0, 10.0)
+    assert len(data["buckets"]) == 22
+    assert [b["successes"] for b in data["buckets"]].count(1) == 4
+    assert data["total"]["throughput_at_p95"] == {
+        "target_s": 10.0,
+        "bucket_s": 15.0,
+        "rate": pytest.approx(1 / 15),
+        "p95_s": 2.0,
+        "start": "2020-01-01T10:00:02+00:00",
+        "peak_rate": pytest.approx(1 / 15),
+    }
+    assert data["total"]["throughput"] == pytest.approx(4 / 328)
+    a, b = data["groups"]
+    assert a["compare"] == {
+        "name": "hosted-big",
+        "cost": pytest.approx(1.2),
+        "cost_per_success": pytest.approx(0.4),
+        "saved": pytest.approx(0.7),
+    }
+    assert b["compare"]["saved"] == pytest.approx(0.4 - 0.3)
+    assert (a["ok_prompt_tokens"], a["ok_completion_tokens"]) == (30, 15)
+    assert data["total"]["compare"]["saved"] == pytest.approx(0.8)
+    assert data["compare_to"]["price_per_million_output_tokens"] == 40000
     assert [g["key"] for g in data["groups"]] == ["model-a", "model-b"]
     assert data["total"]["cost_per_success"] == pytest.approx(0.2)
     assert data["total"]["share_by_spend"]["duplicate"] == pytest.approx(0.125)
     assert data["total"]["end_to_end"]["p95"] == 8.0
     assert data["total"]["ttft"]["p50"] == 0.4  # the engine's figure, keyed as before
     assert data["total"]["client_ttft"] == {"count": 3, "p50": 1.9, "p95": 3.1, "p99": 3.1}
+
+
+def test_report_sections_add_a_table_and_a_json_key(
+    settings: Settings, tenants: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where spend against budget plugs in: a section sees the session and the figures.
+    spend = Section(
+        key="spend",
+        collect=lambda session, data: {"all": data.total.cost},
+        render=lambda value, data: f"Spend\nall {money(value['all'], data.currency)}",
+    )
+    monkeypatch.setattr(cli_report, "SECTIONS", (spend,))
+    window = ["--since", "2020-01-01T10:00:00", "--until", "2020-01-01T10:10:00"]
+    runner = CliRunner()
+    result = runner.invoke(main, ["report", *window], env=cli_env(settings))
+    assert result.exit_code == 0, result.output
+    assert result.output.rstrip().endswith("Spend\nall $0.800")
+    result = runner.invoke(main, ["report", *window, "--json"], env=cli_env(settings))
+    assert json.loads(result.output)["sections"] == {"spend": {"all": pytest.approx(0.8)}}
 
 
 def test_report_cli_refuses_a_backwards_window(settings: Settings) -> None:

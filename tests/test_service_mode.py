@@ -124,7 +124,7 @@ def test_idempotency_key_returns_the_original(client: httpx.Client) -> None:
 
 def test_models_are_listed(client: httpx.Client) -> None:
     models = client.get("/v1/models").json()["data"]
-    assert {m["id"] for m in models} == {"tiny", "scripted", "parked"}
+    assert {m["id"] for m in models} == {"tiny", "scripted", "parked", "tiny-embed"}
 
 
 def test_poison_request_fails_alone(client: httpx.Client) -> None:

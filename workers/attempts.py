@@ -45,7 +45,9 @@ class AttemptMaker:
         output, error = None, ran.error
         if gen is not None and error is None:
             try:
-                output = parse_output(message.task, message.engine_request, gen.texts)
+                output = parse_output(
+                    message.task, message.engine_request, gen.texts, embedding=gen.embedding
+                )
             except OutputError as exc:
                 error = str(exc)
             except Exception as exc:  # a bug reading one output fails that request, not its batch

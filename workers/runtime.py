@@ -123,8 +123,14 @@ class WorkerRuntime:
         model: str,
         sessions: sessionmaker[Session],
         celery: Celery,
+        *,
+        current_config: Callable[[], RouterConfig] | None = None,
     ) -> WorkerRuntime:
-        """Load the model's engine (once per process) and wire the runtime around it."""
+        """Load the model's engine (once per process) and wire the runtime around it.
+
+        ``current_config`` gives the config in force after a reload (``LiveConfig.current``);
+        what the worker publishes down a chain reads it. The engine keeps the spec it loaded.
+        """
         if model not in config.models:
             known = ", ".join(sorted(config.models))
             raise ValueError(f"unknown model {model!r}; configured: {known}")
@@ -138,7 +144,7 @@ class WorkerRuntime:
             sessions=sessions,
             worker_name=name,
             publish_deliveries=partial(publish_deliveries, celery),
-            publish_runs=partial(publish_runs, celery, config),
+            publish_runs=_publisher(celery, current_config or (lambda: config)),
             leases=Leases.from_settings(settings, sessions, worker=name),
             relay=TokenRelay(create_publisher(settings), name=f"inferq-tokens-{model}"),
             stall_s=settings.engine_stall_s,
@@ -210,6 +216,15 @@ class WorkerRuntime:
         if self.relay is not None:
             self.relay.stop()
         self.engine.close()
+
+
+def _publisher(
+    celery: Celery, current: Callable[[], RouterConfig]
+) -> Callable[[list[RunMessage]], None]:
+    def publish(messages: list[RunMessage]) -> None:
+        publish_runs(celery, current(), messages)
+
+    return publish
 
 
 def _release(leases: Leases, request_id: uuid.UUID, _: Future[Outcome]) -> None:

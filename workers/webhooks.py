@@ -258,12 +258,26 @@ def _problem(response: httpx.Response) -> str:
 
 
 def encode_body(item: Outgoing) -> bytes:
-    """The Standard Webhooks envelope: ``type``, ``timestamp`` (of the event), ``data``."""
-    envelope = {
-        "type": item.event_type,
-        "timestamp": as_utc(item.created_at).isoformat(),
-        "data": item.payload,
-    }
+    """The Standard Webhooks envelope: ``type``, ``timestamp`` (of the event), ``data``.
+
+    The Batch API's events (``batch.*``) take OpenAI's event object instead (``id``,
+    ``object``, ``type``, ``created_at``, ``data``), which ``client.webhooks.unwrap`` reads.
+    """
+    envelope: dict[str, object]
+    if item.event_type.startswith("batch."):
+        envelope = {
+            "id": f"evt_{item.id.hex}",
+            "object": "event",
+            "type": item.event_type,
+            "created_at": int(as_utc(item.created_at).timestamp()),
+            "data": item.payload,
+        }
+    else:
+        envelope = {
+            "type": item.event_type,
+            "timestamp": as_utc(item.created_at).isoformat(),
+            "data": item.payload,
+        }
     return json.dumps(envelope, separators=(",", ":")).encode()
 
 

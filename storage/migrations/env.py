@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+import storage.canary
 import storage.eval_tables
 import storage.openai_files
 import storage.webhooks  # noqa: F401  (its tables join Base.metadata)

@@ -19,6 +19,8 @@ class Generation:
     finish_reason: str | None
     # Seconds from the engine call's start to this request's first token, where known.
     ttft_s: float | None = None
+    # An ``embed`` request's vector (a pooling engine); ``texts`` is then empty.
+    embedding: list[float] | None = None
 
 
 class EngineError(RuntimeError):

@@ -3,7 +3,7 @@
 Rules match a substring of a request's last message (or prompt) and make the batch holding it
 slow, fail or hang, or give that request a fixed ``answer`` (an output to test what reads it).
 Output is otherwise deterministic: a minimal object valid for a JSON schema, the first label
-of a choice, or an echo of the input.
+of a choice, an echo of the input, or for an ``embed`` request ``scripted_vector`` of it.
 
 A ``step_curve`` (batch size → seconds a call takes, as measured on a GPU) makes each call
 sleep as long as that GPU would take for its batch: a simulated GPU-bound engine, which like
@@ -12,7 +12,9 @@ a real one releases the GIL while it works (bench/pipeline.py ``--simulate-gpu``
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -97,8 +99,18 @@ def last_text(request: EngineRequest) -> str:
     return request.prompt or ""
 
 
+def scripted_vector(text: str, dimensions: int = 8) -> list[float]:
+    """A unit vector made from the text's SHA-256: the same text, the same vector."""
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [(byte - 127.5) / 127.5 for byte in digest[:dimensions]]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [x / norm for x in raw]
+
+
 def scripted_answer(request: EngineRequest, rules: Sequence[Rule] = ()) -> Generation:
     prompt_words = len(last_text(request).split()) + 1
+    if request.embed:
+        return Generation([], prompt_words, 0, "stop", 0.0, scripted_vector(last_text(request)))
     fixed = [r.answer for r in rules if r.answer is not None and r.match in last_text(request)]
     if fixed:
         texts = [fixed[0]] * request.n

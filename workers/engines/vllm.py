@@ -16,6 +16,10 @@ dominates a step either way. The same code serves the GPU build (``vllm``) and t
 Interactive requests run at vLLM priority 0 and batch work at 1 (``scheduling_policy=
 "priority"``); the worker keeps a few engine slots beyond ``max_batch_size`` for them, so they
 start at the next step even when batch work fills the batch (see workers.feeder).
+
+A model configured with ``options: {runner: pooling}`` is an embedding model: the same
+adapter adds its ``embed`` requests with ``PoolingParams(task="embed")`` and reads each
+finished output's vector (vLLM pools a decoder model's last hidden state, normalised).
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ class VllmEngine:
         try:
             if prompt is None:
                 raise ValueError("the prompt could not be encoded")
-            params = _sampling(admission.request, stream=admission.stream)
+            params = _params(admission.request, stream=admission.stream)
             self._engine.add_request(
                 request_id,
                 prompt,
@@ -118,7 +122,7 @@ class VllmEngine:
         except Exception as exc:
             self._engine.abort_request([request_id])  # nothing half-added stays behind
             return f"{type(exc).__name__}: {exc}"
-        if admission.stream:
+        if admission.stream and not admission.request.embed:
             self._sent[request_id] = {}
         return None
 
@@ -152,6 +156,16 @@ class VllmEngine:
             self._sent.pop(out.request_id, None)
             finished = _generation(out)
         return StepOutput(out.request_id, deltas, finished)
+
+
+def _params(request: EngineRequest, *, stream: bool) -> Any:
+    """Sampling for a generation; pooling for an ``embed`` request (which a generating model
+    refuses at ``add_request``, and a pooling model refuses the other way round)."""
+    if request.embed:
+        from vllm.pooling_params import PoolingParams
+
+        return PoolingParams(task="embed")
+    return _sampling(request, stream=stream)
 
 
 def _sampling(request: EngineRequest, *, stream: bool) -> Any:
@@ -192,6 +206,10 @@ def check_sampling(request: EngineRequest) -> None:
 
 
 def _generation(out: Any) -> Generation:
+    pooled = getattr(out.outputs, "data", None)  # a PoolingRequestOutput: one vector
+    if pooled is not None:
+        prompt_tokens = len(out.prompt_token_ids or ())
+        return Generation([], prompt_tokens, 0, "stop", embedding=pooled.tolist())
     return Generation(
         texts=[c.text for c in sorted(out.outputs, key=lambda c: c.index)],
         prompt_tokens=len(out.prompt_token_ids or ()),
