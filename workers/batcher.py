@@ -10,7 +10,6 @@ one ends. Continuous engines are fed by ``workers.feeder`` instead.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -49,8 +48,6 @@ class MicroBatcher:
         self._buffer: queue.SimpleQueue[WorkItem] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._current: list[WorkItem] = []  # the batch the executor runs
-        self._running_since: float | None = None  # monotonic, while a batch runs
-        self._typical_s: float | None = None  # how long a batch takes, smoothed
         self._untaken: list[WorkItem] = []  # taken from the buffer as the batcher stopped
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
@@ -63,25 +60,6 @@ class MicroBatcher:
 
     def start(self) -> None:
         self._thread.start()
-
-    def fetch_in(self, lead_s: float) -> float:
-        """Seconds until more work should be fetched (0: now; ``inf``: not before the
-        executor takes what waits, or ends its first batch). A fast engine (a batch within
-        ``lead_s``) always wants more, within the consumer's bound. A slower one wants more
-        while less than a full batch waits and it is idle or its batch should end within
-        ``lead_s``: work fetched long before it can start is work an idle worker elsewhere
-        could have run, and at the end of a job the workers holding it would finish a batch
-        later than the rest."""
-        since, typical = self._running_since, self._typical_s
-        if typical is not None and typical < lead_s:
-            return 0.0  # a fast engine: what it holds starts within the lead anyway
-        if self._buffer.qsize() >= self._max:
-            return math.inf
-        if since is None:
-            return 0.0
-        if typical is None:  # the first batch: how long it takes is not known yet
-            return math.inf
-        return max(typical - lead_s - (time.monotonic() - since), 0.0)
 
     def drain(self, deadline: float) -> tuple[list[WorkItem], list[WorkItem]]:
         """Take no more batches; the one running may finish until ``deadline`` (monotonic).
@@ -122,7 +100,6 @@ class MicroBatcher:
                 self._untaken = batch
                 return
             self._current = batch
-            self._running_since = started = time.monotonic()
             try:
                 self._execute(batch)
             except Exception as exc:  # the executor handles its own errors; this is a bug
@@ -130,10 +107,6 @@ class MicroBatcher:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
-            took = time.monotonic() - started
-            typical = self._typical_s
-            self._typical_s = took if typical is None else typical + (took - typical) / 2
-            self._running_since = None
 
     def _take(self) -> list[WorkItem]:
         try:

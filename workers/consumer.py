@@ -26,7 +26,6 @@ from kombu.common import ignore_errors
 from core.enums import Outcome
 from tasks.contract import RUN_TASK_NAME, RunMessage
 from tasks.queues import interactive_queue, model_queue
-from workers.batcher import MicroBatcher
 from workers.control import report_queues
 from workers.runtime import WorkerRuntime
 
@@ -40,10 +39,6 @@ RUNTIMES_OPTION = "inferq_runtimes"
 # With it, stopping (SIGTERM) drains: ``{model: grace seconds}`` (see ``workers.drain``).
 DRAIN_OPTION = "inferq_drain_grace_s"
 COMMIT_S = 30.0  # after the grace, for the last results to commit
-# A static engine's next bundle is fetched this long before its running batch should end
-# (workers.batcher.MicroBatcher.fetch_in); when that is not known, it is looked at this often.
-FETCH_LEAD_S = 0.2
-REFRESH_S = 0.25
 
 
 class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
@@ -56,7 +51,6 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         self._runtimes: dict[str, WorkerRuntime] = dict(kwargs.get(RUNTIMES_OPTION) or {})
         self._grace: dict[str, float] | None = kwargs.get(DRAIN_OPTION)
         self._credits: list[Credit] = []
-        self._refresher: Any = None
 
     def start(self, c: Any) -> None:
         self._hub = c.controller.hub  # None under a synchronous loop (the memory transport)
@@ -66,8 +60,6 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         batch = [model_queue(model) for model in self._runtimes]
         report_queues(c, [self._queues[q] for m in batch for q in (m, interactive_queue(m))])
         super().start(c)
-        if self._hub is not None and self._static():
-            self._refresh()
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
         if not self._runtimes:
@@ -75,45 +67,12 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         bound = sum(r.buffer_size for r in self._runtimes.values())
         batch = [self._queues[model_queue(model)] for model in self._runtimes]
         interactive = [self._queues[interactive_queue(q.name)] for q in batch]
-        # Batch work for a static engine comes in when the engine can start it soon (see
-        # FETCH_LEAD_S), so the bound only caps what waits to be committed: a fast engine
-        # runs the next bundles while the writer commits the last ones.
-        gated = self._hub is not None and bool(self._static())
         return [
-            self._consumer(
-                channel, batch, 2 * bound if gated else bound, self._wants_more if gated else None
-            ),
+            self._consumer(channel, batch, bound),
             self._consumer(self._connection.channel(), interactive, bound),
         ]
 
-    def _static(self) -> list[MicroBatcher]:
-        return [r.feed for r in self._runtimes.values() if isinstance(r.feed, MicroBatcher)]
-
-    def _wants_more(self) -> bool:
-        """Fetch batch work while any engine this process runs can start it soon (an
-        engine fed continuously has its own bound, ``workers.intake``)."""
-        static = self._static()
-        return len(static) < len(self._runtimes) or self._fetch_in(static) == 0
-
-    def _fetch_in(self, static: list[MicroBatcher]) -> float:
-        return min(feed.fetch_in(FETCH_LEAD_S) for feed in static)
-
-    def _refresh(self) -> None:
-        """On the event loop: let work in if it is due now, and look again when it will be
-        (a timer of the loop's own, so the loop wakes for it)."""
-        for credit in self._credits:
-            credit.refresh()
-        due = self._fetch_in(self._static())
-        delay = min(max(due, 0.005), REFRESH_S) if due > 0 else REFRESH_S
-        self._refresher = self._hub.call_later(delay, self._refresh)
-
-    def _consumer(
-        self,
-        channel: Any,
-        queues: list[Queue],
-        bound: int,
-        ready: Callable[[], bool] | None = None,
-    ) -> Consumer:
+    def _consumer(self, channel: Any, queues: list[Queue], bound: int) -> Consumer:
         consumer = Consumer(
             channel,
             queues=queues,
@@ -123,7 +82,7 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             on_decode_error=self._on_decode_error,
             prefetch_count=1,  # then as much as the credit allows
         )
-        credit = Credit(bound, partial(_set_prefetch, consumer, self._hub), ready)
+        credit = Credit(bound, partial(_set_prefetch, consumer, self._hub))
         self._credits.append(credit)
         consumer.register_callback(partial(self._on_message, credit))
         return consumer
@@ -143,17 +102,12 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             log.exception("dropping a malformed message")
             message.reject(requeue=False)
             return
-        settle = _Settle(len(targets), message, self._acks, credit)
-        futures = [runtime.submit(run) for runtime, run in targets]
-        # Counted once buffered, so whether one more may come sees them waiting.
         credit.took(len(targets))
-        for future in futures:
-            future.add_done_callback(settle.one_done)
+        settle = _Settle(len(targets), message, self._acks, credit)
+        for runtime, run in targets:
+            runtime.submit(run).add_done_callback(settle.one_done)
 
     def stop(self, c: Any) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            self._refresher = None
         # Steps also stop when the broker connection is lost, to start again: drain only
         # when the worker itself stops (warm), not on a cold shutdown.
         closing = c.controller.blueprint.state == bootsteps.CLOSE
@@ -211,17 +165,10 @@ class Credit:
     not yet finished are under ``bound``. A message is a bundle of up to ``max_batch_size``
     requests, so a fixed prefetch count would hoard what other workers could run; and a
     bundle is acknowledged only when its last request is, so its finished requests stop
-    counting before that. With ``ready``, one more message comes only while it says so too
-    (and :meth:`refresh` looks again)."""
+    counting before that."""
 
-    def __init__(
-        self,
-        bound: int,
-        set_prefetch: Callable[[int], None],
-        ready: Callable[[], bool] | None = None,
-    ) -> None:
+    def __init__(self, bound: int, set_prefetch: Callable[[int], None]) -> None:
         self.bound = bound
-        self._ready = ready
         self.requests = 0  # received, not finished
         self.messages = 0  # received, not acknowledged
         self._set_prefetch = set_prefetch
@@ -239,16 +186,11 @@ class Credit:
         """A message was acknowledged (or left for redelivery)."""
         self._change(0, -1)
 
-    def refresh(self) -> None:
-        """Look again whether one more may come (``ready`` may say otherwise now)."""
-        self._change(0, 0)
-
     def _change(self, requests: int, messages: int) -> None:
         with self._lock:
             self.requests += requests
             self.messages += messages
-            room = self.requests < self.bound and (self._ready is None or self._ready())
-            prefetch = self.messages + (1 if room else 0)
+            prefetch = self.messages + (1 if self.requests < self.bound else 0)
             prefetch = max(prefetch, 1)
             if prefetch == self._prefetch:
                 return
