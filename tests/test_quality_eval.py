@@ -96,6 +96,9 @@ def env(eval_settings: Settings) -> dict[str, str]:
         "INFERQ_EVAL_TASKS": json.dumps(["classify"]),
         "INFERQ_EVAL_CRON": "* * * * *",  # the test's beat sends it within a minute
         "INFERQ_RECONCILER": "false",
+        # Queues of their own: every worker consumes the maintenance queue, and the suite's
+        # session workers (other settings, no candidates) would take the beat's tasks.
+        "INFERQ_BROKER_KEY_PREFIX": "eval:",
     }
 
 
