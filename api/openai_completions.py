@@ -21,6 +21,7 @@ from api.openai_chat import CHAT_WAIT_S, check_model, submit_all, submit_one, wa
 from api.openai_schemas import (
     FINISH_REASONS,
     CompletionUsage,
+    Stop,
     StreamOptions,
     _Strict,
     content_of,
@@ -42,7 +43,6 @@ from tasks.templates import (
     Seed,
     Temperature,
     TopP,
-    check_stop,
 )
 
 MAX_CHOICES = 64  # prompts x n in one call: each is a request
@@ -56,7 +56,7 @@ class CompletionBody(_Strict):
     top_p: TopP | None = None
     n: int = Field(default=1, ge=1, le=16)
     seed: Seed | None = None
-    stop: str | list[str] | None = None
+    stop: Stop = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     # Refused unless left at what changes nothing (see _supported).
@@ -78,13 +78,6 @@ class CompletionBody(_Strict):
         if any(not isinstance(item, str) for item in items):
             raise ValueError("token-id prompts are not supported; send text (a string or strings)")
         return prompt
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if stop is not None:
-            check_stop([stop] if isinstance(stop, str) else stop)
-        return stop
 
     @model_validator(mode="after")
     def _supported(self) -> CompletionBody:

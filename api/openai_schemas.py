@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from core.enums import Priority, TaskKind
 from storage.tables import Request, as_utc
@@ -21,6 +21,16 @@ from submission.storable import check_storable
 from tasks.templates import MaxTokens, SamplingIn, Seed, Temperature, TopP, check_stop
 
 FINISH_REASONS = ("stop", "length")
+
+
+def _checked_stop(stop: str | list[str] | None) -> str | list[str] | None:
+    if stop is not None:
+        check_stop([stop] if isinstance(stop, str) else stop)
+    return stop
+
+
+# ``stop`` as the OpenAI bodies take it (a string or strings), checked as ours are.
+Stop = Annotated[str | list[str] | None, AfterValidator(_checked_stop)]
 
 
 def unix(value: datetime | None) -> int | None:
@@ -125,7 +135,7 @@ class ChatCompletionBody(_Strict):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: Seed | None = None
-    stop: str | list[str] | None = None
+    stop: Stop = None
     response_format: ResponseFormat | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -133,13 +143,6 @@ class ChatCompletionBody(_Strict):
     user: str | None = None  # accepted and ignored, as are store and metadata
     store: bool | None = None
     metadata: dict[str, str] | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if stop is not None:
-            check_stop([stop] if isinstance(stop, str) else stop)
-        return stop
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionBody:
