@@ -2,7 +2,8 @@
 
 An upload of more than ``settings.inline_job_lines`` lines is answered at once, its job
 ``validating``, and its raw lines wait in ``job_sources``. The :class:`Admitter` thread takes a
-chunk at a time (a small first one, so the first result comes quickly; whole bundles of the
+chunk at a time (a small first one, so the first result comes quickly, then each as long as
+all before it up to ``admission_chunk_lines``, so many workers start soon; whole bundles of the
 model's ``max_batch_size``, so no part-filled batch is left at a chunk's end), read from the source
 a slice at a time (``api.job_source``: a 200 MB source is never whole in memory), checks it
 with the same code as an inline upload, and in one transaction inserts its requests and
@@ -296,7 +297,11 @@ class Admitter:
         # first_seen are re-read from the rows, not kept and taken for duplicates next time.
         upload.cursor = -1
         settings = self._services.settings
-        size = settings.admission_chunk_lines if source.cursor else settings.admission_first_chunk
+        # Chunks grow from the first one, each as long as all admitted before it, up to
+        # ``admission_chunk_lines``: many workers all get a first bundle soon, not after a
+        # whole large chunk has been checked.
+        first, most = settings.admission_first_chunk, settings.admission_chunk_lines
+        size = min(max(first, source.cursor), most) if source.cursor else first
         size = _whole_bundles(self._services, job, min(size, upload.cap or size, room or size))
         fetch = upload.fetch(session, job.id)
         upload.at = job_source.seek(fetch, upload.at, source.cursor)  # already there, mostly

@@ -1,6 +1,6 @@
 """The pipeline's own cost: bulk jobs through the service with an engine that costs nothing.
 
-    python -m bench.pipeline [--workers 1,2] [--lines 20000] [--rounds 3]
+    python -m bench.pipeline [--workers 1,2] [--lines 20000] [--rounds 3] [--profile]
     python -m bench.pipeline --simulate-gpu [--workers 1,2,4,8,16] [--lines-per-worker 512]
 
 The bulk path as users run it: ``POST /v1/jobs`` (admission in the API), publish, consume,
@@ -17,7 +17,9 @@ completion tokens count. Each worker count runs once a round, in reverse order e
 round, and the figures are medians over rounds. CPU seconds per request are split by process:
 the API, each worker (its tree), the Postgres backends of the bench's database, the Postgres
 server's shared processes, the Redis server (shared with anything else using it) and this
-process. The last line printed is one JSON object.
+process. With ``--profile``, the API and the first worker are sampled by py-spy during each
+run (``bench.profile``), and the report names the calls that hold each one's Python time. The
+last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from sqlalchemy import exists, func, select
 
 from bench import workload
 from bench.cpu import CpuMeter, Picker, Proc, command, tree
+from bench.profile import Profiler
 from bench.stack import RUN_TIMEOUT_S, Stack, database, outcome, service_env, stop, upload_job
 from core.enums import OPEN_STATUSES, JobStatus
 from core.settings import Settings
@@ -66,6 +69,7 @@ def main() -> None:
     counts = [int(n) for n in args.workers.split(",")]
     options: dict[str, object] = {"step_curve": GPU_CURVE} if args.simulate_gpu else {}
     rounds: dict[int, list[Figures]] = {n: [] for n in counts}
+    profiles: dict[int, dict[str, dict[str, float]]] = {}  # the last round's, by count
     with _api(args.batch, options) as (stack, settings):
         with httpx.Client(base_url=stack.url, headers=stack.headers, timeout=600) as client:
             for number in range(1, args.rounds + 1):
@@ -73,16 +77,25 @@ def main() -> None:
                 for n in order:
                     lines = args.lines_per_worker * n if args.simulate_gpu else args.lines
                     with _workers(stack, settings, n) as workers:
-                        figures = _run(client, workers, lines)
+                        profiler = _profiler(workers) if args.profile else None
+                        figures = _run(client, workers, lines, profiler)
                     rounds[n].append(figures)
                     print(_show(f"round {number}, {n} worker(s)", figures), flush=True)
+                    if profiler is not None:
+                        profiles[n] = profiler.shares
+                        for name, shares in profiler.shares.items():
+                            print(_show(f"  profile {name} (share of the run)", shares))
     report = _report(rounds, simulate=args.simulate_gpu)
+    if profiles:
+        report["profile"] = profiles
     for n, figures in _medians(rounds).items():
         print(_show(f"median, {n} worker(s)", figures))
     if "bends_at" in report:
         print(
             f"ratio to N x one worker: {report['ratio_to_linear']}; bends at {report['bends_at']}"
         )
+        for reason in report.get("why", []):
+            print(f"  {reason}")
     print(json.dumps({"lines": args.lines, "batch": args.batch, "rounds": args.rounds, **report}))
 
 
@@ -94,22 +107,29 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--lines-per-worker", type=int, default=512, help="with --simulate-gpu")
     parser.add_argument("--batch", type=int, default=64, help="the model's max_batch_size")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--profile", action="store_true", help="sample the API and a worker with py-spy"
+    )
     args = parser.parse_args()
     if args.workers is None:
         args.workers = "1,2,4,8,16" if args.simulate_gpu else "1,2"
     return args
 
 
-def _run(client: httpx.Client, workers: Stack, lines: int) -> Figures:
+def _run(client: httpx.Client, workers: Stack, lines: int, profiler: Profiler | None) -> Figures:
     """One job of ``lines`` lines; requests/s and CPU seconds per request by process."""
     items = workload.fixed(lines, MAX_TOKENS)
     meter = CpuMeter(_groups(workers))
+    if profiler is not None:
+        profiler.start()
     meter.start()
     started = time.time()
     job_id, _accept_s = upload_job(client, items)
     in_job = Request.job_id == job_id
     _wait_job(workers, job_id)
     cpu = meter.stop()
+    if profiler is not None:
+        profiler.stop()
     result = outcome(workers, in_job, lambda _id: MAX_TOKENS)
     elapsed = result.last_finished - started
     figures: Figures = {"rps": result.ok / elapsed, "ok": result.ok, "s": elapsed}
@@ -164,6 +184,11 @@ def _wait_job(stack: Stack, job_id: uuid.UUID) -> None:
                     return
         time.sleep(0.05)
     raise SystemExit(f"bench: job {job_id} did not finish within {RUN_TIMEOUT_S} s")
+
+
+def _profiler(stack: Stack) -> Profiler:
+    api, first, *_ = stack.processes
+    return Profiler({"api": api.pid, "worker1": first.pid})
 
 
 def _groups(stack: Stack) -> dict[str, Picker]:
@@ -221,8 +246,34 @@ def _report(rounds: dict[int, list[Figures]], *, simulate: bool) -> dict[str, ob
             for n, runs in rounds.items()
         }
         report["ratio_to_linear"] = ratios
-        report["bends_at"] = next((n for n, ratio in sorted(ratios.items()) if ratio < 0.9), None)
+        bend = next((n for n, ratio in sorted(ratios.items()) if ratio < 0.9), None)
+        report["bends_at"] = bend
+        if bend is not None:
+            report["why"] = _why(medians[bend], os.cpu_count() or 1)
     return report
+
+
+def _why(figures: Figures, cores: int) -> list[str]:
+    """What the run at the bend waited on, from its own figures."""
+    reasons = []
+    if "s" not in figures:
+        return reasons
+    if figures["admitted_s"] > 0.5 * figures["s"]:
+        reasons.append(
+            f"admission: the last line was admitted {figures['admitted_s']:.1f} s into a "
+            f"{figures['s']:.1f} s run (the API's lines per second; see --profile)"
+        )
+    if figures["machine_busy_cores"] > 0.65 * cores:
+        reasons.append(
+            f"CPU: the machine was {figures['machine_busy_cores']:.2f} of its {cores} cores "
+            f"busy, the pipeline {figures['cpu_ms_total'] * figures['rps'] / 1000:.2f} of them"
+        )
+    if figures["worker_share_max"] > 1.05:
+        reasons.append(
+            f"tail: the busiest worker ran {figures['worker_share_max']:.2f} times an even "
+            "share while others had finished"
+        )
+    return reasons or ["not admission, CPU or the tail: compare the processes' CPU figures"]
 
 
 def _show(label: str, figures: Figures) -> str:

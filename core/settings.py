@@ -82,10 +82,11 @@ class Settings(BaseSettings):
     tenant_file_quota_bytes: int = 2_000_000_000
     # Uploads up to this many lines are validated before the answer (a strict refusal is a
     # 4xx); longer ones are answered ``validating`` at once and admitted in the background,
-    # a small first chunk first, then ``admission_chunk_lines`` at a time, pausing while a
-    # job has ``admission_max_open`` requests waiting so one job never floods a queue. A job
-    # whose admission fails for a reason not its lines' is retried, with backoff, up to
-    # ``admission_max_attempts`` times in a row, then fails with the reason.
+    # a small first chunk first, then chunks as long as all lines before them up to
+    # ``admission_chunk_lines``, pausing while a job has ``admission_max_open`` requests
+    # waiting so one job never floods a queue. A job whose admission fails for a reason not
+    # its lines' is retried, with backoff, up to ``admission_max_attempts`` times in a row,
+    # then fails with the reason.
     inline_job_lines: int = 2000
     admission_first_chunk: int = 200
     admission_chunk_lines: int = 2000

@@ -230,3 +230,17 @@ def test_credit_lets_in_a_message_only_while_requests_in_progress_are_under_the_
         credit.finished()
     credit.settled()
     assert prefetch == [2, 3, 2, 1]
+
+
+def test_credit_with_ready_lets_in_one_more_only_when_the_engine_wants_it() -> None:
+    prefetch: list[int] = []
+    wants = [False]
+    credit = Credit(10, prefetch.append, lambda: wants[0])
+    credit.took(4)  # under the bound, but the engine does not want more yet
+    assert prefetch == []  # stays at the one it started with
+    wants[0] = True
+    credit.refresh()  # the consumer's timer asks again
+    assert prefetch == [2]
+    wants[0] = False
+    credit.refresh()
+    assert prefetch == [2, 1]

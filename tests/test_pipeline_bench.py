@@ -1,4 +1,5 @@
-"""What bench.pipeline stands on: the scripted engine's GPU curve and the CPU meter.
+"""What bench.pipeline stands on: the scripted engine's GPU curve, the CPU meter and the
+profile's folding of samples.
 
 The benchmark itself runs real services for minutes (``python -m bench.pipeline``); these
 checks are the parts a wrong figure would come from, in well under a second.
@@ -13,7 +14,8 @@ import sys
 import pytest
 
 from bench.cpu import CpuMeter, command, tree
-from bench.pipeline import GPU_CURVE, _report
+from bench.pipeline import GPU_CURVE, _report, _why
+from bench.profile import fold
 from router.config import ModelSpec
 from tasks.contract import EngineRequest
 from workers.engines import create_engine
@@ -86,3 +88,45 @@ def test_ratio_to_linear_is_taken_within_each_round() -> None:
     }
     report = _report(rounds, simulate=True)
     assert report["ratio_to_linear"] == {1: 1.0, 2: 0.95}
+    assert report["bends_at"] is None
+
+
+def test_the_bend_is_explained_by_the_runs_own_figures() -> None:
+    run = {"rps": 700.0, "s": 11.7, "admitted_s": 6.3, "machine_busy_cores": 1.45}
+    run |= {"worker_share_max": 1.12, "cpu_ms_total": 1.7, "cpu_ms_api": 0.4}
+    admission, cpu, tail = _why(run, cores=2)
+    assert admission.startswith("admission: the last line was admitted 6.3 s into a 11.7 s run")
+    assert cpu.startswith("CPU: the machine was 1.45 of its 2 cores busy, the pipeline 1.19")
+    assert tail.startswith("tail: the busiest worker ran 1.12 times an even share")
+    quiet = run | {"admitted_s": 1.0, "machine_busy_cores": 0.5, "worker_share_max": 1.0}
+    assert _why(quiet, cores=2) == [
+        "not admission, CPU or the tail: compare the processes' CPU figures"
+    ]
+    rounds = {1: [{"rps": 50.0} | quiet], 16: [{**run, "rps": 600.0}]}
+    report = _report(rounds, simulate=True)
+    assert (report["bends_at"], len(report["why"])) == (16, 3)  # type: ignore[arg-type]
+
+
+def test_profile_folds_samples_into_our_functions_shares() -> None:
+    collapsed = "\n".join(
+        [
+            # A thread's loop, under it the admission check, under that a library call.
+            "_bootstrap (threading.py:1) ;run (api/admission.py:10);check_lines (api/jobs.py:5)"
+            ";loads (json/__init__.py:3) 30",
+            "_bootstrap (threading.py:1) ;run (api/admission.py:10);publish (tasks/app.py:7) 10",
+            "recurse (api/jobs.py:9);recurse (api/jobs.py:9) 5",
+            "_bootstrap (threading.py:1) ;run (api/admission.py:10) 4",
+            "_bootstrap (threading.py:1) ;wait (threading.py:3) 1",
+            "not a stack line",
+        ]
+    )
+    shares = fold(collapsed, possible=100, top=8)
+    assert shares["gil"] == 0.5  # 50 samples of 100 possible held the GIL
+    assert shares["api.jobs.check_lines"] == 0.3  # with the library's json.loads it calls
+    assert shares["tasks.app.publish"] == 0.1
+    assert shares["api.jobs.recurse"] == 0.05
+    assert shares["api.admission.run"] == 0.04  # its own code only
+    assert shares["(not ours)"] == 0.01
+    assert not any(name.startswith(("json", "threading")) for name in shares)
+    assert list(shares)[1:3] == ["api.jobs.check_lines", "tasks.app.publish"]  # largest first
+    assert len(fold(collapsed, possible=100, top=2)) == 3

@@ -3,9 +3,12 @@ exact batch sizes, one transaction per batch, first success wins."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import cast
 
 import pytest
 from sqlalchemy import select
@@ -16,7 +19,8 @@ from router.config import RouterConfig
 from storage.ledger import Attempt, record_batch
 from storage.tables import LedgerEntry, Request
 from tasks.contract import RunMessage
-from tests.conftest import queued_runs
+from tests.conftest import queued_runs, wait_for
+from workers.batcher import MicroBatcher, WorkItem
 from workers.engines.scripted import Rule, ScriptedEngine
 from workers.runtime import WorkerRuntime
 
@@ -201,3 +205,40 @@ def test_request_past_its_deadline_expires_unrun(
     with sessions() as session:
         row = session.get(Request, request_id)
         assert row is not None and row.status == RequestStatus.EXPIRED
+
+
+def test_a_slow_engine_wants_its_next_batch_just_before_the_running_one_ends() -> None:
+    """What the consumer lets in for a static engine (``MicroBatcher.fetch_in``): anything
+    while idle or before the first batch's length is known; while a batch longer than the
+    lead runs, nothing until the lead before it should end."""
+    release = [threading.Event(), threading.Event()]
+    started = threading.Semaphore(0)
+    runs: list[int] = []
+
+    def execute(batch: list[WorkItem]) -> None:
+        started.release()
+        release[len(runs)].wait(30)
+        runs.append(len(batch))
+        for item in batch:
+            item.future.set_result(Outcome.SUCCEEDED)
+
+    batcher = MicroBatcher(execute, max_batch_size=2, window_s=0.0)
+    batcher.start()
+    try:
+        assert batcher.fetch_in(0.2) == 0.0  # idle, the batch length unknown
+        batcher.submit(cast(RunMessage, object()))
+        assert started.acquire(timeout=30)
+        assert batcher.fetch_in(0.2) == 0.0  # the first batch: its length is not known yet
+        time.sleep(0.5)  # the first batch takes 0.5 s
+        release[0].set()
+        batcher.submit(cast(RunMessage, object()))
+        assert started.acquire(timeout=30)
+        assert 0.1 < batcher.fetch_in(0.2) < 0.4  # 0.5 s batches: wanted 0.2 s before the end
+        assert batcher.fetch_in(1.0) == 0.0  # a lead longer than a batch: wanted now
+        release[1].set()
+        wait_for(lambda: len(runs) == 2, timeout=30, what="the second batch to end")
+        assert batcher.fetch_in(0.2) == 0.0  # idle again
+    finally:
+        for event in release:
+            event.set()
+        batcher.stop()

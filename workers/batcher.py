@@ -10,6 +10,7 @@ one ends. Continuous engines are fed by ``workers.feeder`` instead.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -48,6 +49,8 @@ class MicroBatcher:
         self._buffer: queue.SimpleQueue[WorkItem] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._current: list[WorkItem] = []  # the batch the executor runs
+        self._running_since: float | None = None  # monotonic, while a batch runs
+        self._typical_s: float | None = None  # how long a batch takes, smoothed
         self._untaken: list[WorkItem] = []  # taken from the buffer as the batcher stopped
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
@@ -60,6 +63,23 @@ class MicroBatcher:
 
     def start(self) -> None:
         self._thread.start()
+
+    def fetch_in(self, lead_s: float) -> float:
+        """Seconds until this engine wants more work (0: now). An engine whose batches take
+        longer than ``lead_s`` wants more while it is idle, or from ``lead_s`` before its
+        running batch should end, and not while a full batch waits: work fetched long before
+        it can start is work an idle worker elsewhere could run, and at a job's end the
+        worker holding it would finish a batch later than the rest. A fast engine, or one
+        whose first batch runs (its length not known yet), always wants more, within the
+        consumer's bound."""
+        since, typical = self._running_since, self._typical_s
+        if typical is None or typical <= lead_s:
+            return 0.0
+        if self._buffer.qsize() >= self._max:
+            return math.inf  # asked again on the consumer's next look
+        if since is None:
+            return 0.0
+        return max(typical - lead_s - (time.monotonic() - since), 0.0)
 
     def drain(self, deadline: float) -> tuple[list[WorkItem], list[WorkItem]]:
         """Take no more batches; the one running may finish until ``deadline`` (monotonic).
@@ -100,6 +120,7 @@ class MicroBatcher:
                 self._untaken = batch
                 return
             self._current = batch
+            self._running_since = started = time.monotonic()
             try:
                 self._execute(batch)
             except Exception as exc:  # the executor handles its own errors; this is a bug
@@ -107,6 +128,11 @@ class MicroBatcher:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
+            finally:
+                took = time.monotonic() - started
+                typical = self._typical_s
+                self._typical_s = took if typical is None else typical + (took - typical) / 2
+                self._running_since = None
 
     def _take(self) -> list[WorkItem]:
         try:

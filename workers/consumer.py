@@ -26,6 +26,7 @@ from kombu.common import ignore_errors
 from core.enums import Outcome
 from tasks.contract import RUN_TASK_NAME, RunMessage
 from tasks.queues import interactive_queue, model_queue
+from workers.batcher import MicroBatcher
 from workers.control import report_queues
 from workers.runtime import WorkerRuntime
 
@@ -39,6 +40,10 @@ RUNTIMES_OPTION = "inferq_runtimes"
 # With it, stopping (SIGTERM) drains: ``{model: grace seconds}`` (see ``workers.drain``).
 DRAIN_OPTION = "inferq_drain_grace_s"
 COMMIT_S = 30.0  # after the grace, for the last results to commit
+# A static engine's next bundle is let in this long before its running batch should end
+# (workers.batcher.MicroBatcher.fetch_in); the loop looks again at least this often.
+FETCH_LEAD_S = 0.2
+REFRESH_S = 0.25
 
 
 class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
@@ -51,6 +56,8 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         self._runtimes: dict[str, WorkerRuntime] = dict(kwargs.get(RUNTIMES_OPTION) or {})
         self._grace: dict[str, float] | None = kwargs.get(DRAIN_OPTION)
         self._credits: list[Credit] = []
+        self._refresher: Any = None
+        self._gated: Credit | None = None  # the batch channel's, while work comes just in time
 
     def start(self, c: Any) -> None:
         self._hub = c.controller.hub  # None under a synchronous loop (the memory transport)
@@ -60,6 +67,8 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         batch = [model_queue(model) for model in self._runtimes]
         report_queues(c, [self._queues[q] for m in batch for q in (m, interactive_queue(m))])
         super().start(c)
+        if self._hub is not None and self._static():
+            self._refresh()
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
         if not self._runtimes:
@@ -67,12 +76,50 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         bound = sum(r.buffer_size for r in self._runtimes.values())
         batch = [self._queues[model_queue(model)] for model in self._runtimes]
         interactive = [self._queues[interactive_queue(q.name)] for q in batch]
+        # Batch work for static engines comes in just in time (``_wants_more``); interactive
+        # work at once.
+        just_in_time = self._wants_more if self._hub is not None and self._static() else None
         return [
-            self._consumer(channel, batch, bound),
+            self._consumer(channel, batch, bound, just_in_time),
             self._consumer(self._connection.channel(), interactive, bound),
         ]
 
-    def _consumer(self, channel: Any, queues: list[Queue], bound: int) -> Consumer:
+    def _static(self) -> list[MicroBatcher]:
+        return [r.feed for r in self._runtimes.values() if isinstance(r.feed, MicroBatcher)]
+
+    def _fetch_in(self) -> float:
+        """Seconds until an engine of this process wants batch work (a continuous engine
+        always does, within its bound: ``workers.intake``)."""
+        static = self._static()
+        if len(static) < len(self._runtimes):
+            return 0.0
+        return min(feed.fetch_in(FETCH_LEAD_S) for feed in static)
+
+    def _wants_more(self) -> bool:
+        return self._fetch_in() == 0.0
+
+    def _refresh(self) -> None:
+        """On the event loop: let batch work in once it is due, and look again when it
+        will be (a timer of the loop's own, so the loop wakes for it). Nothing stops the
+        timer but :meth:`stop`: a failed look is logged and tried again."""
+        delay = REFRESH_S
+        try:
+            if self._gated is not None:
+                self._gated.refresh()
+            due = self._fetch_in()
+            delay = min(max(due, 0.005), REFRESH_S) if due > 0 else REFRESH_S
+        except Exception:
+            log.exception("could not tell whether to fetch more work")
+        finally:
+            self._refresher = self._hub.call_later(delay, self._refresh)
+
+    def _consumer(
+        self,
+        channel: Any,
+        queues: list[Queue],
+        bound: int,
+        ready: Callable[[], bool] | None = None,
+    ) -> Consumer:
         consumer = Consumer(
             channel,
             queues=queues,
@@ -82,8 +129,10 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             on_decode_error=self._on_decode_error,
             prefetch_count=1,  # then as much as the credit allows
         )
-        credit = Credit(bound, partial(_set_prefetch, consumer, self._hub))
+        credit = Credit(bound, partial(_set_prefetch, consumer, self._hub), ready)
         self._credits.append(credit)
+        if ready is not None:
+            self._gated = credit
         consumer.register_callback(partial(self._on_message, credit))
         return consumer
 
@@ -102,12 +151,17 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             log.exception("dropping a malformed message")
             message.reject(requeue=False)
             return
-        credit.took(len(targets))
         settle = _Settle(len(targets), message, self._acks, credit)
-        for runtime, run in targets:
-            runtime.submit(run).add_done_callback(settle.one_done)
+        futures = [runtime.submit(run) for runtime, run in targets]
+        # Counted once buffered, so whether one more may come sees them waiting.
+        credit.took(len(targets))
+        for future in futures:
+            future.add_done_callback(settle.one_done)
 
     def stop(self, c: Any) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
         # Steps also stop when the broker connection is lost, to start again: drain only
         # when the worker itself stops (warm), not on a cold shutdown.
         closing = c.controller.blueprint.state == bootsteps.CLOSE
@@ -165,10 +219,17 @@ class Credit:
     not yet finished are under ``bound``. A message is a bundle of up to ``max_batch_size``
     requests, so a fixed prefetch count would hoard what other workers could run; and a
     bundle is acknowledged only when its last request is, so its finished requests stop
-    counting before that."""
+    counting before that. With ``ready``, one more comes only while it says so too (and
+    :meth:`refresh` asks it again)."""
 
-    def __init__(self, bound: int, set_prefetch: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        bound: int,
+        set_prefetch: Callable[[int], None],
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
         self.bound = bound
+        self._ready = ready
         self.requests = 0  # received, not finished
         self.messages = 0  # received, not acknowledged
         self._set_prefetch = set_prefetch
@@ -186,11 +247,16 @@ class Credit:
         """A message was acknowledged (or left for redelivery)."""
         self._change(0, -1)
 
+    def refresh(self) -> None:
+        """Ask ``ready`` again."""
+        self._change(0, 0)
+
     def _change(self, requests: int, messages: int) -> None:
         with self._lock:
             self.requests += requests
             self.messages += messages
-            prefetch = self.messages + (1 if self.requests < self.bound else 0)
+            room = self.requests < self.bound and (self._ready is None or self._ready())
+            prefetch = self.messages + (1 if room else 0)
             prefetch = max(prefetch, 1)
             if prefetch == self._prefetch:
                 return
@@ -203,7 +269,16 @@ def _set_prefetch(consumer: Consumer, hub: Any, count: int) -> None:
     if hub is None:
         consumer.qos(prefetch_count=count)
     else:
-        hub.call_soon(partial(consumer.qos, prefetch_count=count))
+        hub.call_soon(partial(_qos, consumer, count))
+
+
+def _qos(consumer: Consumer, count: int) -> None:
+    """On the event loop, where raising would stop it: a channel closed by a lost connection
+    is replaced when the consumer starts again, with its own credit."""
+    try:
+        consumer.qos(prefetch_count=count)
+    except Exception:
+        log.warning("could not change the prefetch count: the channel is gone", exc_info=True)
 
 
 class _Settle:
