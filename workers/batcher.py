@@ -139,6 +139,9 @@ class MicroBatcher:
             first = self._buffer.get(timeout=0.2)
         except queue.Empty:
             return []
+        # Busy from here: while the batch fills, the buffer empties, and the engine must
+        # not look idle (``fetch_in``) and fetch a bundle it cannot start for a whole batch.
+        self._running_since = time.monotonic()
         batch = [first]
         deadline = time.monotonic() + self._window_s
         while len(batch) < self._max:
