@@ -17,12 +17,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from functools import cache
 from pathlib import Path
 
 RATE_HZ = 100
-# The packages whose functions are reported; library frames count toward their callers.
-OURS = ("api", "core", "maintenance", "quality", "router", "storage", "submission", "tasks")
-OURS += ("weights", "workers", "inferq")
 _FRAME = re.compile(r"^(?P<function>.+?) \((?P<path>[^:()]+)(?::\d+)?\)$")
 
 
@@ -100,6 +98,14 @@ def _ours(frame: str) -> str | None:
     if match is None:
         return None
     parts = Path(match["path"]).with_suffix("").parts
-    if not parts or parts[0] not in OURS:
+    if not parts or parts[0] not in _packages():
         return None
     return ".".join(parts) + "." + match["function"]
+
+
+@cache
+def _packages() -> frozenset[str]:
+    """The service's packages (every top-level one of this checkout but the benchmarks and the
+    tests): their functions are reported; library frames count toward their callers."""
+    root = Path(__file__).resolve().parents[1]
+    return frozenset(p.parent.name for p in root.glob("*/__init__.py")) - {"bench", "tests"}

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.admission import Admitter
 from api.jobs import JobSpec, create_job
 from api.openai_batches import create_batch, get_batch
-from api.openai_schemas import BatchCreate
+from api.openai_schemas import BatchCreate, BatchObject
 from core.enums import JobStatus, RequestStatus, TaskKind
 from core.settings import Settings
 from storage import jobs as job_store
@@ -191,8 +191,19 @@ def test_openai_batch_of_only_bad_lines_fails_after_validating(
     lines = [
         {"custom_id": f"b{i}", "method": "GET", "url": "/v1/chat/completions"} for i in range(12)
     ]
-    file_id = new_file_id()
-    data = jsonl(lines)  # type: ignore[arg-type]
+    batch = validating_batch(services, tenant_id, lines, "/v1/chat/completions")
+    assert drain(Admitter(services), _job_of(services, batch.id)) == 3  # 5, 5 and 2 lines
+    failed = get_batch(services, tenant_id, batch.id)
+    assert failed.status == "failed"
+    assert failed.request_counts.failed == 12
+    assert failed.errors is not None and "method 'GET'" in str(failed.errors.data[0].message)
+
+
+def validating_batch(
+    services: Services, tenant_id: uuid.UUID, lines: list[dict[str, object]], endpoint: str
+) -> BatchObject:
+    """A batch of ``lines`` for ``endpoint``, from a stored file, answered ``validating``."""
+    file_id, data = new_file_id(), jsonl(lines)  # type: ignore[arg-type]
     with services.sessions.begin() as session:
         session.add(
             StoredFile(
@@ -204,16 +215,10 @@ def test_openai_batch_of_only_bad_lines_fails_after_validating(
                 content=data,
             )
         )
-    body = BatchCreate(
-        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
+    body = BatchCreate(input_file_id=file_id, endpoint=endpoint, completion_window="24h")
     batch = create_batch(services, tenant_id, body)
     assert batch.status == "validating"
-    assert drain(Admitter(services), _job_of(services, batch.id)) == 3  # 5, 5 and 2 lines
-    failed = get_batch(services, tenant_id, batch.id)
-    assert failed.status == "failed"
-    assert failed.request_counts.failed == 12
-    assert failed.errors is not None and "method 'GET'" in str(failed.errors.data[0].message)
+    return batch
 
 
 def _job_of(services: Services, batch_id: str) -> uuid.UUID:
@@ -230,23 +235,7 @@ def test_large_batch_is_checked_for_its_endpoint_and_a_failed_one_is_announced(
         register_endpoint(session, tenant_id, "https://hooks.example.com/batches")
 
     def validating(lines: list[dict[str, object]]) -> str:
-        file_id, data = new_file_id(), jsonl(lines)  # type: ignore[arg-type]
-        with services.sessions.begin() as session:
-            session.add(
-                StoredFile(
-                    id=file_id,
-                    tenant_id=tenant_id,
-                    filename="in.jsonl",
-                    purpose="batch",
-                    size=len(data),
-                    content=data,
-                )
-            )
-        body = BatchCreate(
-            input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h"
-        )
-        batch = create_batch(services, tenant_id, body)
-        assert batch.status == "validating"
+        batch = validating_batch(services, tenant_id, lines, "/v1/embeddings")
         drain(Admitter(services), _job_of(services, batch.id))
         return batch.id
 

@@ -56,6 +56,10 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         self._runtimes: dict[str, WorkerRuntime] = dict(kwargs.get(RUNTIMES_OPTION) or {})
         self._grace: dict[str, float] | None = kwargs.get(DRAIN_OPTION)
         self._credits: list[Credit] = []
+        # The engines fed a batch at a time, whose batch work comes in just in time; only
+        # when every engine of this process is one (a continuous engine wants work always).
+        static = [r.feed for r in self._runtimes.values() if isinstance(r.feed, MicroBatcher)]
+        self._static = static if len(static) == len(self._runtimes) else []
         self._refresher: Any = None
         self._gated: Credit | None = None  # the batch channel's, while work comes just in time
 
@@ -67,7 +71,7 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         batch = [model_queue(model) for model in self._runtimes]
         report_queues(c, [self._queues[q] for m in batch for q in (m, interactive_queue(m))])
         super().start(c)
-        if self._hub is not None and self._static():
+        if self._hub is not None and self._static:
             self._refresh()
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
@@ -78,22 +82,15 @@ class BatchConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         interactive = [self._queues[interactive_queue(q.name)] for q in batch]
         # Batch work for static engines comes in just in time (``_wants_more``); interactive
         # work at once.
-        just_in_time = self._wants_more if self._hub is not None and self._static() else None
+        just_in_time = self._wants_more if self._hub is not None and self._static else None
         return [
             self._consumer(channel, batch, bound, just_in_time),
             self._consumer(self._connection.channel(), interactive, bound),
         ]
 
-    def _static(self) -> list[MicroBatcher]:
-        return [r.feed for r in self._runtimes.values() if isinstance(r.feed, MicroBatcher)]
-
     def _fetch_in(self) -> float:
-        """Seconds until an engine of this process wants batch work (a continuous engine
-        always does, within its bound: ``workers.intake``)."""
-        static = self._static()
-        if len(static) < len(self._runtimes):
-            return 0.0
-        return min(feed.fetch_in(FETCH_LEAD_S) for feed in static)
+        """Seconds until an engine of this process wants batch work."""
+        return min(feed.fetch_in(FETCH_LEAD_S) for feed in self._static)
 
     def _wants_more(self) -> bool:
         return self._fetch_in() == 0.0
