@@ -69,7 +69,9 @@ def status_of(sessions: sessionmaker[Session], request_id: uuid.UUID) -> Request
 def executions(sessions: sessionmaker[Session], request_id: uuid.UUID) -> list[Outcome]:
     with sessions() as session:
         query = select(LedgerEntry.outcome).where(LedgerEntry.request_id == request_id)
-        return list(session.scalars(query))
+        # In the order they ran: without ORDER BY, Postgres returns rows in heap order, which
+        # differs from it once space freed by other tests' rows is reused.
+        return list(session.scalars(query.order_by(LedgerEntry.created_at)))
 
 
 def finished(sessions: sessionmaker[Session], request_id: uuid.UUID) -> Request:
